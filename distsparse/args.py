@@ -2,15 +2,23 @@
 
 Every flag takes ``--name value`` and ``--name=value`` (the form W&B sweep agents pass). ``--config
 FILE.yaml`` holds any of them; flags on the command line win over the file.
+
+Recipe variables from the command line: ``--recipe.NAME=VALUE`` (or ``--recipe.NAME VALUE``) sets the
+recipe variable NAME, merged over ``--recipe_args``. A W&B sweep sweeps a recipe variable by naming
+its parameter ``recipe.NAME``: the agent's ``${args}`` then passes ``--recipe.NAME=VALUE``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import yaml
 
 from .errors import UserError
+from .recipe import parse_recipe_args
+
+RECIPE_PREFIX = "--recipe."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="distsparse train",
         description="Sparse transfer learning with a SparseML-style recipe, on Accelerate.",
         allow_abbrev=False,
+        epilog="recipe variables: --recipe.NAME=VALUE sets variable NAME of the recipe (wins over --recipe_args)",
     )
     add = p.add_argument
     add("--config", help="YAML file holding any of these flags (flags given here win)")
@@ -34,12 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_file", default=None, help="csv, tsv, json or jsonl (default: the bundled SST-2 sample)")
     g.add_argument("--validation_file", default=None)
     g.add_argument("--input_column_names", default=None, help="comma-separated text columns, e.g. sentence1,sentence2")
-    g.add_argument("--label_column_name", default="label")
+    g.add_argument("--label_column_name", default=None,
+                   help="default: label (text), ner_tags (token), labels (multi-label classification)")
+    g.add_argument("--label_delimiter", default=",", help="multi-label: separator of the labels in a csv/tsv cell")
+    g.add_argument("--multi_label_threshold", type=float, default=0.5, help="multi-label: predict where sigmoid > this")
     g.add_argument("--max_seq_length", type=int, default=128)
     g.add_argument("--max_train_samples", type=int, default=None)
     g.add_argument("--max_eval_samples", type=int, default=None)
     g = p.add_argument_group("training")
-    g.add_argument("--output_dir", default="outputs/distsparse")
+    g.add_argument("--output_dir", default="outputs/distsparse",
+                   help="environment variables are expanded: outputs/sweep/$WANDB_RUN_ID gives each sweep run its own")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start fresh even if output_dir holds checkpoints of an earlier run (they are removed)")
     g.add_argument("--per_device_train_batch_size", type=int, default=32)
     g.add_argument("--per_device_eval_batch_size", type=int, default=64)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -70,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     if args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -83,5 +98,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             raise UserError(f"{path}: unknown key {unknown[0]!r} (not a distsparse train flag)")
         parser.set_defaults(**values)
-        args = parser.parse_args(argv)
+        args, rest = parser.parse_known_args(argv)
+    overrides = recipe_overrides(parser, rest)
+    if overrides:
+        args.recipe_args = {**parse_recipe_args(args.recipe_args), **overrides}
+    args.output_dir = os.path.expandvars(args.output_dir)
     return args
+
+
+def recipe_overrides(parser: argparse.ArgumentParser, rest: list[str]) -> dict:
+    """``--recipe.NAME=VALUE`` / ``--recipe.NAME VALUE`` as {NAME: value}; any other leftover is an error."""
+    overrides, rest = {}, list(rest)
+    while rest:
+        flag, sep, value = rest.pop(0).partition("=")
+        if not flag.startswith(RECIPE_PREFIX) or flag == RECIPE_PREFIX:
+            parser.error(f"unrecognized arguments: {flag}{sep}{value}")
+        if not sep:
+            if not rest:
+                parser.error(f"argument {flag}: expected one argument")
+            value = rest.pop(0)
+        overrides.update(parse_recipe_args(f"{flag.removeprefix(RECIPE_PREFIX)}={value}"))
+    return overrides

@@ -1,14 +1,24 @@
-"""Task metrics computed locally (no download): the numbers users compare with GLUE's."""
+"""Task metrics computed locally (no download): the numbers users compare with GLUE's, seqeval's and sklearn's.
+
+Every factory returns ``compute(logits, labels) -> {name: float}``, called once on the whole eval set.
+"""
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 
 
+def f1(tp, fp, fn):
+    """F1 from counts; 0 where nothing was predicted or expected (sklearn's and seqeval's zero_division)."""
+    tp, fp, fn = (np.asarray(x, dtype=float) for x in (tp, fp, fn))
+    denom = 2 * tp + fp + fn
+    return np.divide(2 * tp, denom, out=np.zeros_like(denom), where=denom > 0)
+
+
 def f1_score(preds: np.ndarray, labels: np.ndarray, positive: int) -> float:
-    tp = float(np.sum((preds == positive) & (labels == positive)))
-    fp = float(np.sum((preds == positive) & (labels != positive)))
-    fn = float(np.sum((preds != positive) & (labels == positive)))
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+    p, g = preds == positive, labels == positive
+    return float(f1(np.sum(p & g), np.sum(p & ~g), np.sum(~p & g)))
 
 
 def classification_metrics(num_labels: int, with_f1: bool):
@@ -23,5 +33,63 @@ def classification_metrics(num_labels: int, with_f1: bool):
             else:
                 out["f1"] = float(np.mean([f1_score(preds, labels, c) for c in range(num_labels)]))
         return out
+
+    return compute
+
+
+def multi_label_metrics(threshold: float):
+    """Micro/macro F1 and subset accuracy of ``sigmoid(logits) > threshold`` against multi-hot labels."""
+
+    def compute(logits: np.ndarray, labels: np.ndarray) -> dict:
+        preds = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) > threshold
+        gold = labels > 0.5
+        tp, fp, fn = (preds & gold).sum(0), (preds & ~gold).sum(0), (~preds & gold).sum(0)
+        return {"f1_micro": float(f1(tp.sum(), fp.sum(), fn.sum())), "f1_macro": float(f1(tp, fp, fn).mean()),
+                "accuracy": float((preds == gold).all(1).mean())}
+
+    return compute
+
+
+def iob2_entities(tags: list[str]) -> list[tuple[str, int, int]]:
+    """(type, start, end) spans as seqeval's strict IOB2 mode finds them: B-X then I-X...; a stray I- is no entity."""
+    spans, start, kind = [], None, None
+    for i, tag in enumerate([*tags, "O"]):
+        if start is not None and tag != f"I-{kind}":
+            spans.append((kind, start, i))
+            start = None
+        if tag.startswith("B-"):
+            start, kind = i, tag[2:]
+    return spans
+
+
+def entity_scores(gold: list[list[str]], pred: list[list[str]]) -> dict:
+    """Entity precision/recall/F1 over sentences (micro, and per type) plus token accuracy, like seqeval."""
+    true = {(s, *e) for s, tags in enumerate(gold) for e in iob2_entities(tags)}
+    found = {(s, *e) for s, tags in enumerate(pred) for e in iob2_entities(tags)}
+    hits = true & found
+    n_true, n_found, n_hits = (Counter(e[1] for e in x) for x in (true, found, hits))
+
+    def prf(tp, n_pred, n_gold, prefix=""):
+        return {f"{prefix}precision": tp / n_pred if n_pred else 0.0, f"{prefix}recall": tp / n_gold if n_gold else 0.0,
+                f"{prefix}f1": float(f1(tp, n_pred - tp, n_gold - tp))}
+
+    tokens = sum(len(t) for t in gold)
+    correct = sum(g == p for gt, pt in zip(gold, pred) for g, p in zip(gt, pt))
+    out = {**prf(len(hits), len(found), len(true)), "accuracy": correct / tokens if tokens else 0.0}
+    for kind in sorted(n_true | n_found):
+        out.update(prf(n_hits[kind], n_found[kind], n_true[kind], prefix=f"{kind}_"))
+    return out
+
+
+def token_classification_metrics(label_list: list[str]):
+    """Entity scores of argmax tags at the positions labelled (not -100: special tokens, later sub-tokens, padding)."""
+    names = np.asarray(label_list, dtype=object)
+
+    def compute(logits: np.ndarray, labels: np.ndarray) -> dict:
+        preds = logits.argmax(-1)
+        keep = labels != -100
+        gold = [list(names[row[k]]) for row, k in zip(labels, keep)]
+        pred = [list(names[row[k]]) for row, k in zip(preds, keep)]
+        return entity_scores(gold, pred)
 
     return compute

@@ -6,6 +6,7 @@ scales and zero-points) let ``distsparse export`` rebuild the fake-quantized mod
 """
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def save_model(accelerator, model, tokenizer, recipe, folder: Path, metadata: di
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    (folder / RECIPE_FILE).write_text(recipe.to_yaml({**metadata, "versions": versions()}))
+    plain = json.loads(json.dumps({**metadata, "versions": versions()}, default=str))  # YAML-safe scalars only
+    (folder / RECIPE_FILE).write_text(recipe.to_yaml(plain))
     quant = quant_state(unwrapped)
     if quant:
         save_file({k: v.detach().cpu().contiguous() for k, v in quant.items()}, str(folder / QUANT_FILE))
@@ -63,4 +65,7 @@ def layer_kind(name: str) -> str:
         return "attention"
     if "intermediate" in name or ".output." in name:
         return "mlp"
-    return name.rsplit(".", 1)[-1] if "." in name else name
+    for kind in ("pooler", "classifier"):
+        if kind in name:
+            return kind
+    return "other"

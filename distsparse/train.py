@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 import signal
 import sys
 import time
@@ -20,9 +21,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from . import distributed
+from . import distributed, tracking
 from .args import parse_args
-from .checkpoint import TRAINING_STATE, resolve_resume, save_checkpoint, write_json
+from .checkpoint import TRAINING_STATE, checkpoints, resolve_resume, save_checkpoint, write_json
+from .errors import UserError
 from .data import build_task
 from .events import Event, State, fire
 from .recipe import load_recipe
@@ -82,7 +84,7 @@ def make_accelerator(args) -> Accelerator:
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=tracking.log_with(args.report_to),
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         # Our observer sync keeps buffers equal; DDP's copy of rank 0's buffers would hide a bug.
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     distributed.SYNC = not args.debug_disable_rank_sync
     accelerator = make_accelerator(args)
+    guard_output_dir(args, accelerator)
     set_seed(args.seed)
     model_path = args.model_name_or_path or default_model()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or model_path)
@@ -163,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     state.step = progress.step
     run_config = {**vars(args), "world_size": accelerator.num_processes, "steps_per_epoch": steps_per_epoch,
                   "total_steps": total_steps, "recipe_variables": recipe.variables}
-    if args.report_to != "none":
-        accelerator.init_trackers(args.wandb_project, config=run_config)
+    tracking.start(accelerator, args, run_config, recipe.to_yaml(run_config), progress.extra)
 
     def write_model(folder):
         save_model(accelerator, model, tokenizer, recipe, folder, metadata=run_config)
@@ -229,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                         * accelerator.num_processes / (time.time() - t0)}
                 logs.update({f"train/{k}_loss": float(v) for k, v in state.loss_parts.items()})
                 logs.update({k: float(v) for k, v in state.logs.items()})
+                logs.update(sparsity_report(state.model))
                 log(accelerator, logs, state.step)
                 loss_sum.zero_()
                 loss_count, t0 = 0, time.time()
@@ -271,9 +274,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def guard_output_dir(args, accelerator) -> None:
+    """Never mix two runs' checkpoints: an old run's are resumed, or removed only when asked."""
+    old = checkpoints(args.output_dir)
+    if not old or args.resume_from_checkpoint:
+        return
+    if not args.overwrite_output_dir:
+        raise UserError(f"{args.output_dir}: holds checkpoints of an earlier run ({old[-1].name}); "
+                        "pass --resume_from_checkpoint latest or --overwrite_output_dir")
+    if accelerator.is_main_process:
+        for path in old:
+            shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+
+
 def log(accelerator, logs: dict, step: int) -> None:
-    if accelerator.log_with:
-        accelerator.log(logs, step=step)
+    tracking.log(accelerator, logs, step)
     accelerator.print(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
 
 

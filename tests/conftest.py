@@ -57,3 +57,13 @@ def tiny_model_dir(tmp_path):
     tiny_bert(sparsity=0.5).save_pretrained(out)
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(out)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tier (real MiniLM, full dev sets) runs only when asked: DISTSPARSE_SLOW=1 or -m slow."""
+    if os.environ.get("DISTSPARSE_SLOW") or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow tier: set DISTSPARSE_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,217 @@
+"""Int8 fake quantization for QAT, built so that every rank quantizes with the same numbers.
+
+``to_quant_`` turns an ``nn.Linear`` / ``nn.Embedding`` into ``QuantLinear`` / ``QuantEmbedding``
+by swapping its class in place: it stays the very same module object, so parameter names
+(``...query.weight``), ``save_pretrained``/``from_pretrained``, hooks and other modifiers'
+references all keep working. Every fake-quant child starts disabled, and a disabled module
+computes exactly what the plain layer computes.
+
+- Weights: symmetric per output channel (axis 0), scale = channel absmax / 127, zero point 0, so
+  zeros stay exactly zero. The op's range is -128..127 (what ONNX int8 QDQ accepts) but values
+  land in -127..127: no clipping of the largest weight, as TensorRT/onnxruntime symmetric int8.
+- Activations: asymmetric per tensor, 0..255 (0..127 with ``reduce_range``), moving-average
+  min/max like torch's ``MovingAverageMinMaxObserver`` (averaging constant 0.01; the first
+  observation initialises). In training, forward only folds the batch's min/max into
+  ``pending_min``/``pending_max``; ``update_observers_`` moves the averages once per optimizer
+  step from statistics all-reduced over ranks in one collective, so the scales used in step t
+  come from the union of all ranks' batches through step t-1, bitwise equal everywhere.
+
+Buffers are registered with ``persistent=False``: the HF weights file stays clean;
+``quant_state``/``load_quant_state`` carry them (and the on/off flags) in
+``quantization.safetensors`` and in checkpoints.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed
+from .errors import UserError
+
+EPS = torch.finfo(torch.float32).eps
+AVERAGING_CONSTANT = 0.01  # torch.ao.quantization.MovingAverageMinMaxObserver's default
+
+
+class FakeQuant(nn.Module):
+    """``enabled`` fake-quantizes, ``observe`` updates statistics; plain attributes, so reading them
+    in forward never waits on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = False
+        self.observe = False
+
+
+class WeightFakeQuant(FakeQuant):
+    """Symmetric per-output-channel int8; while observing, the scale follows the current weight."""
+
+    def __init__(self, channels: int, bits: int = 8, device=None):
+        super().__init__()
+        self.quant_min, self.quant_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        self.register_buffer("scale", torch.ones(channels, device=device), persistent=False)
+        self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int32, device=device),
+                             persistent=False)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        if self.observe:
+            with torch.no_grad():
+                absmax = weight.detach().abs().amax(dim=1).float()
+                torch.clamp(absmax / self.quant_max, min=EPS, out=self.scale)
+        return torch.fake_quantize_per_channel_affine(
+            weight, self.scale, self.zero_point, 0, self.quant_min, self.quant_max)
+
+
+class ActivationFakeQuant(FakeQuant):
+    """Asymmetric per-tensor uint8 with a moving-average min/max observer synced by the modifier."""
+
+    def __init__(self, bits: int = 8, reduce_range: bool = False, device=None):
+        super().__init__()
+        self.quant_min, self.quant_max = 0, 2 ** (bits - int(bool(reduce_range))) - 1
+        inf = float("inf")
+        for name, value in (("min_val", inf), ("max_val", -inf), ("pending_min", inf),
+                            ("pending_max", -inf), ("scale", 1.0)):
+            self.register_buffer(name, torch.tensor(value, device=device), persistent=False)
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32, device=device),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observe and self.training:
+            with torch.no_grad():
+                low, high = torch.aminmax(x.detach())
+                torch.minimum(self.pending_min, low, out=self.pending_min)
+                torch.maximum(self.pending_max, high, out=self.pending_max)
+        if not self.enabled:
+            return x
+        return torch.fake_quantize_per_tensor_affine(
+            x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear with fake-quantized input, weight and (optionally) output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+        return self.output_quant(y)
+
+
+class QuantEmbedding(nn.Embedding):
+    """nn.Embedding with fake-quantized weight (per row) and (optionally) output."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_quant(self.weight)
+        y = F.embedding(ids, weight, self.padding_idx, self.max_norm, self.norm_type,
+                        self.scale_grad_by_freq, self.sparse)
+        return self.output_quant(y)
+
+
+QUANT_CLASSES = {nn.Linear: QuantLinear, nn.Embedding: QuantEmbedding}
+
+
+def to_quant_(module: nn.Module, weight_bits: int = 8, activation_bits: int = 8,
+              reduce_range: bool = False, quantize_output: bool = False) -> nn.Module:
+    """Make a plain nn.Linear / nn.Embedding its Quant twin in place (all quantization off).
+
+    Only exact types: a subclass has its own forward, which a class swap would throw away.
+    """
+    cls = QUANT_CLASSES[type(module)]
+    device = module.weight.device
+    channels = module.out_features if cls is QuantLinear else module.num_embeddings
+    module.__class__ = cls
+    module.weight_quant = WeightFakeQuant(channels, weight_bits, device)
+    if cls is QuantLinear:
+        module.input_quant = ActivationFakeQuant(activation_bits, reduce_range, device)
+    module.output_quant = (ActivationFakeQuant(activation_bits, reduce_range, device)
+                           if quantize_output else nn.Identity())
+    return module
+
+
+def fake_quants(model: nn.Module) -> list[tuple[str, FakeQuant]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, FakeQuant)]
+
+
+def update_observers_(observers: list[ActivationFakeQuant],
+                      averaging_constant: float = AVERAGING_CONSTANT) -> None:
+    """One moving-average step for all ``observers`` from their pending batch statistics.
+
+    The pending min/max of every observer go through ONE fused all-reduce (MIN/MAX), then each
+    rank applies the same arithmetic: the result is what a single process would compute from the
+    union of the ranks' batches. Observers that saw nothing this step (pending still +-inf on
+    every rank) keep their values. Pending statistics are reset.
+    """
+    if not observers:
+        return
+    batch_min = torch.stack([o.pending_min for o in observers])
+    batch_max = torch.stack([o.pending_max for o in observers])
+    distributed.all_reduce_min_max_(batch_min, batch_max)
+    old_min = torch.stack([o.min_val for o in observers])
+    old_max = torch.stack([o.max_val for o in observers])
+    seen = torch.isfinite(batch_min) & torch.isfinite(batch_max)
+    first = torch.isinf(old_min)
+    new_min = torch.where(first, batch_min, old_min + averaging_constant * (batch_min - old_min))
+    new_max = torch.where(first, batch_max, old_max + averaging_constant * (batch_max - old_max))
+    new_min, new_max = torch.where(seen, new_min, old_min), torch.where(seen, new_max, old_max)
+    quant_min = torch.tensor([o.quant_min for o in observers], device=new_min.device)
+    quant_max = torch.tensor([o.quant_max for o in observers], device=new_min.device)
+    scale, zero_point = affine_qparams(new_min, new_max, quant_min, quant_max)
+    for i, o in enumerate(observers):
+        o.min_val.copy_(new_min[i])
+        o.max_val.copy_(new_max[i])
+        o.scale.copy_(scale[i])
+        o.zero_point.copy_(zero_point[i])
+        o.pending_min.fill_(float("inf"))
+        o.pending_max.fill_(float("-inf"))
+
+
+def affine_qparams(min_val, max_val, quant_min, quant_max):
+    """torch's MinMaxObserver formula: the range always holds 0, so 0 is exactly representable."""
+    min_neg = torch.clamp(min_val, max=0.0)
+    max_pos = torch.clamp(max_val, min=0.0)
+    scale = torch.clamp((max_pos - min_neg) / (quant_max - quant_min), min=EPS)
+    zero_point = quant_min - torch.round(min_neg / scale)
+    zero_point = torch.minimum(torch.maximum(zero_point, quant_min), quant_max)
+    return scale, zero_point.to(torch.int32)
+
+
+# -- saving and checking ---------------------------------------------------------------------------
+def quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every fake-quant buffer and flag, keyed by module name: ``quantization.safetensors``."""
+    return named_quant_state(fake_quants(model))
+
+
+def named_quant_state(named: list[tuple[str, FakeQuant]]) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, module in named:
+        for key, buf in module.named_buffers(recurse=False):
+            state[f"{name}.{key}"] = buf.detach()
+        state[f"{name}.enabled"] = torch.tensor(module.enabled)
+        state[f"{name}.observe"] = torch.tensor(module.observe)
+    return state
+
+
+def load_quant_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str = "quantization state") -> None:
+    load_named_quant_state(fake_quants(model), tensors, where)
+
+
+def load_named_quant_state(named: list[tuple[str, FakeQuant]], tensors: dict[str, torch.Tensor],
+                           where: str = "quantization state") -> None:
+    """Restore buffers and flags exactly; keys must match the model's fake-quant modules one to one."""
+    expected = named_quant_state(named)
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        raise UserError(f"{where}: does not match the model's quantized layers "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for name, module in named:
+        for key, buf in module.named_buffers(recurse=False):
+            buf.copy_(tensors[f"{name}.{key}"])
+        module.enabled = bool(tensors[f"{name}.enabled"])
+        module.observe = bool(tensors[f"{name}.observe"])
+
+
+def qparams(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every scale and zero point: what the rank-consistency check digests."""
+    return {f"{name}.{key}": getattr(m, key) for name, m in fake_quants(model)
+            for key in ("scale", "zero_point")}

@@ -1,0 +1,351 @@
+"""Pruning: masks that hold sparsity (ConstantPruningModifier) or grow it by magnitude (GMP).
+
+Masks are bool "keep" tensors keyed by parameter name. They exist from INIT (before DDP/DeepSpeed
+wrap the model), change only on schedule, are broadcast from rank 0 at every change so all ranks
+hold the same ones, and are applied to gradients after backward and to weights after every
+optimizer step: a pruned weight stays exactly zero through AdamW's momentum and weight decay.
+Parameters are looked up by name on ``state.model`` each time, never held, since wrapping may
+replace them.
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+import weakref
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..distributed import broadcast_
+from ..errors import RecipeError
+from ..events import Event, State
+from ..params import select_params
+from .base import Modifier, register
+
+INTER_FUNCS = ("linear", "cubic", "inverse_cubic")
+MASK_TYPES = "unstructured, block4 (also block or [1, 4]: 1x4 blocks), or 'N:M' such as '2:4'"
+
+# Per model, every parameter any pruning modifier masks -> (zeros, size) at its last mask change:
+# "sparsity/global" covers all of them, also when a recipe holds one modifier per parameter.
+_ZEROS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def interpolate(progress: float, init: float, final: float, inter_func: str) -> float:
+    """SparseML's schedule shapes from ``init`` (progress 0) to ``final`` (progress 1), ends exact."""
+    p = min(max(progress, 0.0), 1.0)
+    y = {"linear": p, "cubic": 1 - (1 - p) ** 3, "inverse_cubic": 1 - (1 - p) ** (1 / 3)}[inter_func]
+    if y <= sys.float_info.epsilon:
+        return init
+    if y >= 1 - sys.float_info.epsilon:
+        return final
+    return min(max(init + y * (final - init), min(init, final)), max(init, final))
+
+
+def parse_mask_type(mask_type) -> tuple:
+    """("unstructured",), ("block", size) for 1 x size blocks, or ("nm", N, M): keep N of every M."""
+    if mask_type == "unstructured":
+        return ("unstructured",)
+    if mask_type in ("block", "block4"):
+        return ("block", 4)
+    if mask_type == "tensorrt":
+        return ("nm", 2, 4)
+    if isinstance(mask_type, list) and len(mask_type) == 2 and mask_type[0] == 1 and isinstance(mask_type[1], int) \
+            and mask_type[1] >= 1:
+        return ("block", mask_type[1])
+    found = isinstance(mask_type, str) and re.fullmatch(r"(\d+):(\d+)", mask_type.strip())
+    if found and 0 < int(found[1]) < int(found[2]):
+        return ("nm", int(found[1]), int(found[2]))
+    raise ValueError(f"{mask_type!r} is not one of {MASK_TYPES}")
+
+
+def _group_size(pattern: tuple) -> int:
+    return {"unstructured": 1, "block": pattern[-1], "nm": pattern[-1]}[pattern[0]]
+
+
+def _unit_scores(weight: torch.Tensor, keep: torch.Tensor, pattern: tuple) -> torch.Tensor:
+    """One magnitude per pruning unit (weight or block); pruned units score -1 so they stay pruned,
+    and in N:M the N largest of each group score +inf so they can never be pruned."""
+    scores = weight.detach().abs().float().masked_fill(~keep, -1.0)
+    if pattern[0] == "block":
+        return scores.reshape(-1, pattern[1]).mean(1)
+    if pattern[0] == "nm":
+        n, m = pattern[1:]
+        groups = scores.reshape(-1, m)
+        rank = groups.argsort(1, stable=True).argsort(1)
+        return groups.masked_fill(rank >= m - n, math.inf).reshape(-1)
+    return scores.reshape(-1)
+
+
+def _prune_lowest(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    k = min(round(sparsity * scores.numel()), int(torch.isfinite(scores).sum()))
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep[scores.argsort(stable=True)[:k]] = False
+    return keep
+
+
+def magnitude_masks(weights: list[torch.Tensor], keeps: list[torch.Tensor], sparsity: float, pattern: tuple,
+                    global_sparsity: bool = False) -> list[torch.Tensor]:
+    """New keep masks pruning the smallest-magnitude units to ``sparsity``; never revives a pruned weight.
+
+    Per tensor, or with ``global_sparsity`` one threshold across all of them. In N:M the target is
+    reached by pruning within each group of M consecutive input weights at most M - N, so the
+    pattern is exactly N:M once ``sparsity`` is 1 - N/M.
+    """
+    scores = [_unit_scores(w, k, pattern) for w, k in zip(weights, keeps)]
+    if global_sparsity:
+        units = torch.split(_prune_lowest(torch.cat(scores), sparsity), [len(s) for s in scores])
+    else:
+        units = [_prune_lowest(s, sparsity) for s in scores]
+    size = pattern[1] if pattern[0] == "block" else 1
+    return [u.repeat_interleave(size).reshape(w.shape) & k for u, w, k in zip(units, weights, keeps)]
+
+
+@torch.no_grad()
+def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor], grads: bool = False) -> None:
+    """Zero what ``masks`` prune, in the weights or (``grads``) in their gradients.
+
+    The only place that writes masked weights, so that sharded or master copies (DeepSpeed) are
+    handled here once for every pruning modifier.
+    """
+    params = dict(model.named_parameters())
+    for name, keep in masks.items():
+        target = params[name].grad if grads else params[name]
+        if target is not None:
+            target.masked_fill_(~keep, 0.0)
+
+
+def _log_sparsity(state: State, names: list[str]) -> None:
+    counts = _ZEROS.setdefault(state.model, {})
+    params = dict(state.model.named_parameters())
+    counts.update({n: (int((params[n] == 0).sum()), params[n].numel()) for n in names})
+    state.logs["sparsity/global"] = sum(z for z, _ in counts.values()) / sum(t for _, t in counts.values())
+
+
+def _spec(params) -> str:
+    entries = [params] if isinstance(params, str) else list(params)
+    return ", ".join(entries) if len(entries) <= 2 else f"{entries[0]}, ... ({len(entries)} entries)"
+
+
+@dataclass(kw_only=True)
+class _MaskingModifier(Modifier):
+    """What constant and gradual pruning share: masks, their application, their checkpoint."""
+
+    params: str | list[str] | None = None
+    log_types: str | list[str] = "__ALL__"  # SparseML key; the loop logs everything
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.names: list[str] = []
+        self.masks: dict[str, torch.Tensor] = {}
+
+    def update_due(self, state: State) -> bool:
+        raise NotImplementedError
+
+    def update_masks(self, state: State) -> None:
+        raise NotImplementedError
+
+    def masking(self, state: State) -> bool:
+        return self.active(state)
+
+    def init_masks(self, state: State) -> None:
+        pass
+
+    def match(self, event: Event, state: State) -> bool:
+        if event in (Event.INIT, Event.FIT_START):
+            return True
+        if event == Event.BATCH_START:
+            return self.update_due(state)
+        if event in (Event.AFTER_BACKWARD, Event.OPTIMIZER_STEP_END):
+            return bool(self.masks) and self.masking(state)
+        return False
+
+    def apply(self, event: Event, state: State) -> None:
+        if event == Event.INIT:
+            self.names = select_params(state.model, self.params, self.where)
+            self.init_masks(state)
+        elif event == Event.FIT_START:  # prepare() or a resume may have moved the parameters
+            params = dict(state.model.named_parameters())
+            self.masks = {n: m.to(params[n].device) for n, m in self.masks.items()}
+        elif event == Event.BATCH_START:
+            self.update_masks(state)
+        else:
+            apply_masks(state.model, self.masks, grads=event == Event.AFTER_BACKWARD)
+
+    def set_masks(self, state: State, masks: dict[str, torch.Tensor]) -> None:
+        """Adopt rank 0's new masks (one fused broadcast) and prune the weights now."""
+        broadcast_(list(masks.values()), src=0)
+        self.masks = masks
+        apply_masks(state.model, masks)
+        _log_sparsity(state, list(masks))
+
+    def state_dict(self) -> dict:
+        return {"masks": dict(self.masks)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        masks = {n: m.bool() for n, m in state_dict["masks"].items()}
+        if masks and self.names and set(masks) != set(self.names):
+            raise RecipeError(f"{self.where}: the checkpoint's masks are for other parameters than params selects")
+        self.masks = masks
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.params:
+            self.fail("params", "required: parameter names, re: patterns, __ALL__ or __ALL_PRUNABLE__")
+
+
+@register
+@dataclass(kw_only=True)
+class ConstantPruningModifier(_MaskingModifier):
+    """Keeps a pre-sparsified model's zeros: the mask is ``weight != 0`` at start_epoch.
+
+    Masking stops at end_epoch (-1: never), as SparseML's does.
+    """
+
+    update_frequency: float = -1.0  # SparseML key, unused
+
+    def init_masks(self, state: State) -> None:
+        if self.start_step(state.steps_per_epoch) == 0:
+            self.update_masks(state)
+
+    def update_due(self, state: State) -> bool:
+        return self.active(state) and not self.masks
+
+    def update_masks(self, state: State) -> None:
+        params = dict(state.model.named_parameters())
+        self.set_masks(state, {n: params[n].detach() != 0 for n in self.names})
+
+    def timeline(self, steps_per_epoch: int) -> list[tuple[int, str]]:
+        points = [(self.start_step(steps_per_epoch),
+                   f"ConstantPruningModifier: masks fixed to weights != 0, zeros kept at 0 ({_spec(self.params)})")]
+        end = self.end_step(steps_per_epoch)
+        if end is not None:
+            points.append((end, "ConstantPruningModifier ends: masks no longer applied"))
+        return points
+
+
+@register
+@dataclass(kw_only=True)
+class GMPruningModifier(_MaskingModifier):
+    """Gradual magnitude pruning from init_sparsity to final_sparsity over [start_epoch, end_epoch].
+
+    Masks are recomputed from the current weights at start_step, every update_frequency epochs
+    (rounded to whole steps, at least one; -1 means every step) and at end_step, where
+    final_sparsity is reached exactly. Each tensor is pruned to the scheduled sparsity on its own
+    (GlobalMagnitudePruningModifier: one threshold across all). With leave_enabled the masks keep
+    being applied after end_epoch.
+    """
+
+    init_sparsity: float | str | None = None  # str: SparseML's __FROM_PARAM__, refused with a reason
+    final_sparsity: float | dict | None = None  # dict: SparseML's {sparsity: [params]}, refused with a reason
+    update_frequency: float | None = None
+    inter_func: str = "cubic"
+    leave_enabled: bool = True
+    mask_type: str | list[int] = "unstructured"
+    global_sparsity: ClassVar[bool] = False
+
+    @property
+    def pattern(self) -> tuple:
+        return parse_mask_type(self.mask_type)
+
+    def _interval(self, steps_per_epoch: int) -> int:
+        return 1 if self.update_frequency == -1 else max(1, round(self.update_frequency * steps_per_epoch))
+
+    def update_steps(self, steps_per_epoch: int) -> list[int]:
+        start, end = self.start_step(steps_per_epoch), self.end_step(steps_per_epoch)
+        return [*range(start, end, self._interval(steps_per_epoch)), end]
+
+    def sparsity_at(self, step: int, steps_per_epoch: int) -> float:
+        """The sparsity the masks hold during optimizer step ``step`` (0 before start_epoch)."""
+        start, end = self.start_step(steps_per_epoch), self.end_step(steps_per_epoch)
+        if step < start:
+            return 0.0
+        interval = self._interval(steps_per_epoch)
+        last_update = end if step >= end else start + (step - start) // interval * interval
+        progress = 1.0 if end == start else (last_update - start) / (end - start)
+        return interpolate(progress, self.init_sparsity, self.final_sparsity, self.inter_func)
+
+    def init_masks(self, state: State) -> None:
+        params = dict(state.model.named_parameters())
+        size = _group_size(self.pattern)
+        for name in self.names:
+            shape = tuple(params[name].shape)
+            if size > 1 and (len(shape) != 2 or shape[1] % size):
+                self.fail("mask_type", f"{self.mask_type} needs 2-D weights whose input size divides by {size}; "
+                                       f"{name} has shape {shape}")
+        self.masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in self.names}
+
+    def update_due(self, state: State) -> bool:
+        start, end = self.start_step(state.steps_per_epoch), self.end_step(state.steps_per_epoch)
+        return start <= state.step <= end and (
+            state.step == end or (state.step - start) % self._interval(state.steps_per_epoch) == 0)
+
+    def update_masks(self, state: State) -> None:
+        params = dict(state.model.named_parameters())
+        target = self.sparsity_at(state.step, state.steps_per_epoch)
+        keeps = magnitude_masks([params[n] for n in self.names], [self.masks[n] for n in self.names],
+                                target, self.pattern, self.global_sparsity)
+        self.set_masks(state, dict(zip(self.names, keeps)))
+
+    def masking(self, state: State) -> bool:
+        return self.started(state) and (self.leave_enabled or not self.ended(state))
+
+    def timeline(self, steps_per_epoch: int) -> list[tuple[int, str]]:
+        name, pattern = self.__class__.__name__, self.pattern
+        updates = self.update_steps(steps_per_epoch)
+        mid = updates[len(updates) // 2]
+        shape = ("unstructured" if pattern[0] == "unstructured" else f"1x{pattern[1]} blocks" if pattern[0] == "block"
+                 else f"{self.mask_type} (keep {pattern[1]} of every {pattern[2]} input weights)")
+        scope = "one global threshold" if self.global_sparsity else "each tensor"
+        after = "masks stay applied (leave_enabled)" if self.leave_enabled else "masks no longer applied"
+        return [
+            (updates[0], f"{name}: {self.inter_func} sparsity {self.init_sparsity:g} -> {self.final_sparsity:g}, "
+                         f"{shape}, {scope}, {len(updates)} mask updates every {self._interval(steps_per_epoch)} "
+                         f"steps ({_spec(self.params)})"),
+            (mid, f"{name}: sparsity {self.sparsity_at(mid, steps_per_epoch):.4g}"),
+            (updates[-1], f"{name} ends: sparsity {self.final_sparsity:g} reached; {after}"),
+        ]
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.init_sparsity, str):
+            self.fail("init_sparsity", f"{self.init_sparsity!r}: give a number (__FROM_PARAM__ is not supported)")
+        if isinstance(self.final_sparsity, dict):
+            self.fail("final_sparsity", "the {sparsity: [params]} form is not supported; write one modifier per sparsity")
+        for key in ("init_sparsity", "final_sparsity", "update_frequency"):
+            if getattr(self, key) is None:
+                self.fail(key, "required")
+        for key in ("init_sparsity", "final_sparsity"):
+            if not 0 <= getattr(self, key) < 1:
+                self.fail(key, f"{getattr(self, key)} is outside [0, 1)")
+        if self.init_sparsity > self.final_sparsity:
+            self.fail("init_sparsity", f"{self.init_sparsity} exceeds final_sparsity {self.final_sparsity}: "
+                                       "pruned weights are never revived")
+        if self.end_epoch < 0:
+            self.fail("end_epoch", "required: the epoch final_sparsity is reached")
+        if self.update_frequency != -1 and self.update_frequency <= 0:
+            self.fail("update_frequency", f"{self.update_frequency} must be positive (or -1: every step)")
+        if self.inter_func not in INTER_FUNCS:
+            self.fail("inter_func", f"{self.inter_func!r} is not one of {', '.join(INTER_FUNCS)}")
+        try:
+            pattern = self.pattern
+        except ValueError as err:
+            self.fail("mask_type", str(err))
+        if pattern[0] == "nm" and abs(self.final_sparsity - (1 - pattern[1] / pattern[2])) > 1e-2:
+            self.fail("final_sparsity", f"{self.final_sparsity} does not match {self.mask_type}: "
+                                        f"{pattern[1]} of every {pattern[2]} kept is {1 - pattern[1] / pattern[2]:g}")
+
+
+@register
+@dataclass(kw_only=True)
+class MagnitudePruningModifier(GMPruningModifier):
+    """SparseML's alias of GMPruningModifier."""
+
+
+@register
+@dataclass(kw_only=True)
+class GlobalMagnitudePruningModifier(GMPruningModifier):
+    """GMP with one magnitude threshold across all its parameters: layers end at different sparsities."""
+
+    global_sparsity: ClassVar[bool] = True

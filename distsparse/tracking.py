@@ -1,0 +1,65 @@
+"""Experiment tracking through Accelerate's trackers: one W&B run per job, continued on resume.
+
+Accelerate starts a tracker on the main process only, so an N-rank job makes one run. The other ranks
+never see ``wandb.config``: all they need comes from the command line (a sweep agent's
+``--recipe.NAME=value`` reaches the recipe through ``args.py``). The run id is kept in the checkpoint
+(``Progress.extra``) so that a resumed or requeued job logs into the same run.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+# Accelerate silently drops a tracker whose package is missing; we would rather say so at start.
+MODULES = {"wandb": "wandb", "tensorboard": "torch.utils.tensorboard"}
+RUN_ID = "wandb_run_id"
+RECIPE_FILE = "recipe.yaml"
+
+
+def log_with(report_to: str) -> str | None:
+    """``Accelerator(log_with=...)`` for ``--report_to``; fails before any data or model is loaded."""
+    if report_to == "none":
+        return None
+    try:
+        importlib.import_module(MODULES[report_to])
+    except ImportError:
+        raise UserError(f"--report_to {report_to}: the {report_to} package is not installed "
+                        f"(pip install {report_to}, or pass --report_to none)") from None
+    return report_to
+
+
+def start(accelerator, args, config: dict, recipe_yaml: str, extra: dict) -> None:
+    """Start the run with the job's config and save the resolved recipe with it.
+
+    ``extra`` is the checkpointed ``Progress.extra``: it holds the run id of the job being resumed,
+    and receives the id of the run started now.
+    """
+    if not accelerator.log_with:
+        return
+    config = {**config, "distributed_type": str(accelerator.distributed_type),
+              "backend": accelerator.state.backend}
+    accelerator.init_trackers(args.wandb_project, config=config,
+                              init_kwargs={"wandb": wandb_init_kwargs(args, extra.get(RUN_ID))})
+    if args.report_to == "wandb" and accelerator.is_main_process:
+        run = accelerator.get_tracker("wandb", unwrap=True)
+        extra[RUN_ID] = run.id
+        path = Path(run.dir) / RECIPE_FILE
+        path.write_text(recipe_yaml)
+        run.save(str(path), base_path=run.dir, policy="now")
+
+
+def wandb_init_kwargs(args, run_id: str | None) -> dict:
+    """``wandb.init`` arguments; with no id W&B takes ``WANDB_RUN_ID`` (set by sweep agents) or makes one."""
+    folder = os.environ.get("WANDB_DIR") or args.output_dir
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return {"name": args.run_name, "entity": args.wandb_entity, "group": args.wandb_group,
+            "tags": args.wandb_tags.split(",") if args.wandb_tags else None,
+            "id": run_id, "resume": "allow", "dir": folder}
+
+
+def log(accelerator, logs: dict, step: int) -> None:
+    if accelerator.log_with:
+        accelerator.log(logs, step=step)

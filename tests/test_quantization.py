@@ -1,0 +1,303 @@
+"""Int8 fake quantization and the QuantizationModifier, checked against hand-written formulas."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from conftest import tiny_bert
+from distsparse import distributed
+from distsparse.errors import RecipeError, UserError
+from distsparse.events import Event, State, fire
+from distsparse.fake_quant import (ActivationFakeQuant, QuantEmbedding, QuantLinear, WeightFakeQuant,
+                                   load_quant_state, qparams, quant_state, to_quant_, update_observers_)
+from distsparse.modifiers.quantization import QuantizationModifier
+
+# The QuantizationModifier block of ../shared/recipes-sparseml/*sst2_pruned90_quant.yaml, epochs
+# scaled down (there: start 8, observers frozen at 12).
+SST2_BLOCK = dict(
+    start_epoch=1.0, disable_quantization_observer_epoch=2.0, freeze_bn_stats_epoch=2.0,
+    quantize_embeddings=1, quantize_linear_activations=0, exclude_module_types=["LayerNorm", "Tanh"],
+    submodules=["bert.embeddings", "bert.encoder", "bert.pooler", "classifier"],
+)
+
+
+def fake_quant_ref(x, scale, zero_point, qmin, qmax):
+    """The textbook formula: dequantize(clamp(round(x / s) + z)), scale broadcast as given."""
+    return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+
+def observed(fq: ActivationFakeQuant, *batches):
+    fq.train()
+    fq.observe = True
+    for batch in batches:
+        fq(batch)
+        update_observers_([fq])
+    return fq
+
+
+def batch(seed, shape=(4, 16, 32), shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * (1 + seed) + shift
+
+
+# -- fake-quant arithmetic -------------------------------------------------------------------------
+def test_weight_fake_quant_is_symmetric_per_channel_int8():
+    w = torch.randn(6, 10)
+    w[2] *= 10
+    w[0, :5] = 0.0
+    w[5] = 0.0  # a fully pruned row must not divide by zero
+    fq = WeightFakeQuant(6)
+    fq.enabled = fq.observe = True
+    out = fq(w)
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(fq.scale, scale, rtol=0, atol=0)
+    torch.testing.assert_close(out, fake_quant_ref(w, scale[:, None], 0, -128, 127), rtol=0, atol=1e-7)
+    assert (out[w == 0] == 0).all() and (out[5] == 0).all()
+    levels = torch.round(out / scale[:, None])
+    assert levels.min() >= -127 and levels.max() <= 127  # symmetric: -128 is never used
+    assert levels.abs().amax(dim=1)[:5].eq(127).all()  # each channel's largest weight is kept exactly
+
+
+def test_activation_fake_quant_is_asymmetric_per_tensor_uint8():
+    x = batch(0, shift=1.0)
+    fq = observed(ActivationFakeQuant(), x)
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    scale = (hi - lo) / 255
+    zero_point = round(-lo / scale)
+    assert fq.scale.item() == pytest.approx(scale, rel=1e-6)
+    assert fq.zero_point.item() == zero_point
+    fq.enabled = True
+    torch.testing.assert_close(fq(x), fake_quant_ref(x, fq.scale, zero_point, 0, 255), rtol=0, atol=1e-6)
+    assert len(torch.unique(fq(x))) <= 256
+
+    small = observed(ActivationFakeQuant(reduce_range=True), x)
+    assert small.quant_max == 127
+    assert small.scale.item() == pytest.approx((hi - lo) / 127, rel=1e-6)
+    small.enabled = True
+    assert torch.round(small(x) / small.scale + small.zero_point).max() <= 127
+
+
+def test_disabled_modules_compute_exactly_like_plain_layers():
+    linear, embedding = nn.Linear(8, 5), nn.Embedding(20, 8, padding_idx=0)
+    x, ids = torch.randn(3, 8), torch.randint(0, 20, (3, 7))
+    expected = linear(x), embedding(ids)
+    to_quant_(linear, quantize_output=True)
+    to_quant_(embedding, quantize_output=True)
+    assert isinstance(linear, QuantLinear) and isinstance(embedding, QuantEmbedding)
+    for fq in (linear.input_quant, linear.weight_quant, linear.output_quant, embedding.output_quant):
+        fq.observe = True  # observing alone changes nothing
+    assert torch.equal(linear(x), expected[0]) and torch.equal(embedding(ids), expected[1])
+    linear.weight_quant.enabled = True
+    assert not torch.equal(linear(x), expected[0])
+
+
+# -- observers -------------------------------------------------------------------------------------
+def test_moving_average_matches_hand_computation():
+    batches = [batch(i, shift=0.3 * i) for i in range(4)]
+    fq = observed(ActivationFakeQuant(), *batches)
+    lo, hi = batches[0].min().item(), batches[0].max().item()
+    for b in batches[1:]:
+        lo += 0.01 * (b.min().item() - lo)
+        hi += 0.01 * (b.max().item() - hi)
+    assert fq.min_val.item() == pytest.approx(lo, rel=1e-6)
+    assert fq.max_val.item() == pytest.approx(hi, rel=1e-6)
+    assert fq.scale.item() == pytest.approx((hi - min(lo, 0)) / 255, rel=1e-6)
+
+
+def test_micro_batches_fold_into_one_update_and_eval_records_nothing():
+    a, b = batch(1), batch(2, shift=3.0)
+    fq = ActivationFakeQuant()
+    fq.observe = True
+    fq(a), fq(b)
+    update_observers_([fq])
+    assert fq.min_val.item() == min(a.min(), b.min()).item()
+    assert fq.max_val.item() == max(a.max(), b.max()).item()
+    assert fq.pending_min.item() == float("inf") and fq.pending_max.item() == float("-inf")
+    before = fq.min_val.clone()
+    fq.eval()
+    fq(batch(3) * 100)
+    update_observers_([fq])
+    assert torch.equal(fq.min_val, before) and fq.pending_max.item() == float("-inf")
+
+
+def test_two_ranks_merged_by_min_max_equal_one_process_on_the_full_batch(monkeypatch):
+    """The all-reduce contract, with two 'ranks' simulated in one process."""
+    ranks = [[ActivationFakeQuant(), ActivationFakeQuant()] for _ in range(2)]
+    single = [ActivationFakeQuant(), ActivationFakeQuant()]
+    for fq in [*ranks[0], *ranks[1], *single]:
+        fq.observe = True
+    calls = []
+    for step in range(3):
+        full = [batch(10 * step + k, shape=(8, 5, 6), shift=step - k) for k in range(2)]
+        for fq, x in zip(single, full):
+            fq(x)
+        update_observers_(single)  # one process: the collective is a no-op
+        for fqs, half in zip(ranks, (slice(0, 4), slice(4, 8))):
+            for fq, x in zip(fqs, full):
+                fq(x[half])
+        gathered = [(torch.stack([o.pending_min for o in fqs]), torch.stack([o.pending_max for o in fqs]))
+                    for fqs in ranks]
+
+        def all_reduce(mins, maxs):  # what dist.all_reduce does: MIN/MAX over every rank's tensor
+            calls.append(mins.numel())
+            for lo, hi in gathered:
+                mins.copy_(torch.minimum(mins, lo))
+                maxs.copy_(torch.maximum(maxs, hi))
+
+        monkeypatch.setattr(distributed, "all_reduce_min_max_", all_reduce)
+        for fqs in ranks:
+            update_observers_(fqs)
+        monkeypatch.undo()
+    assert calls == [2] * 6  # one fused collective per update, carrying every observer
+    for a, b, ref in zip(*ranks, single):
+        for key in ("min_val", "max_val", "scale", "zero_point"):
+            assert torch.equal(getattr(a, key), getattr(ref, key)) and torch.equal(getattr(b, key), getattr(ref, key))
+
+
+# -- the modifier on a tiny BERT -------------------------------------------------------------------
+def run_steps(model, modifiers, state, n, seed=0):
+    """The training loop's event order, minus Accelerate."""
+    g = torch.Generator().manual_seed(seed)
+    optimizer = state.optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
+    state.optimizer = optimizer
+    model.train()
+    history = []
+    for _ in range(n):
+        fire(modifiers, Event.BATCH_START, state)
+        inputs_quantized = any(isinstance(m, ActivationFakeQuant) and m.enabled for m in model.modules())
+        ids = torch.randint(0, 2000, (4, 12), generator=g)
+        loss = model(input_ids=ids, labels=torch.tensor([0, 1, 1, 0])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        fire(modifiers, Event.OPTIMIZER_STEP_END, state)
+        history.append(dict(state.logs, inputs_quantized=inputs_quantized, qparams={k: v.clone() for k, v in qparams(model).items()}))
+        state.step += 1
+    return history
+
+
+def init(model, steps_per_epoch=2, **kwargs):
+    modifier = QuantizationModifier(**{**SST2_BLOCK, **kwargs})
+    modifier.validate()
+    state = State(model=model, steps_per_epoch=steps_per_epoch)
+    fire([modifier], Event.INIT, state)
+    fire([modifier], Event.FIT_START, state)
+    return modifier, state
+
+
+def test_init_keeps_parameter_names_and_hf_weights_clean(tmp_path):
+    model = tiny_bert()
+    params = dict(model.named_parameters())
+    keys = set(model.state_dict())
+    init(model)
+    assert dict(model.named_parameters()) == params  # same names, same Parameter objects
+    assert set(model.state_dict()) == keys
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    assert kinds["bert.encoder.layer.0.attention.self.query"] == "QuantLinear"
+    assert kinds["bert.embeddings.word_embeddings"] == "QuantEmbedding"
+    assert kinds["bert.embeddings.LayerNorm"] == "LayerNorm"
+    assert sum(k == "QuantLinear" for k in kinds.values()) == 14  # 2 x 6 encoder + pooler + classifier
+    assert sum(k == "QuantEmbedding" for k in kinds.values()) == 3
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    for name, p in reloaded.named_parameters():
+        assert torch.equal(p, params[name]), name
+
+
+def test_sst2_block_switches_qat_on_and_freezes_on_schedule():
+    model = tiny_bert()
+    reference = copy.deepcopy(model)
+    modifier, state = init(model, num_calibration_steps=2)
+    query = model.bert.encoder.layer[0].attention.self.query
+    history = run_steps(model, [modifier], state, 2)
+    # an evaluation between steps 1 and 2 already sees step 2's phase, as a resumed run would
+    assert query.weight_quant.enabled and not query.input_quant.enabled
+    run_steps(reference, [], State(model=reference, steps_per_epoch=2), 2)
+    for name, p in reference.named_parameters():  # before QAT: the plain model, bit for bit
+        assert torch.equal(p, model.get_parameter(name)), name
+    history += run_steps(model, [modifier], state, 4, seed=1)
+
+    # epoch 1 = step 2: weights; + 2 calibration steps = step 4: activations; epoch 2 = step 4: frozen
+    assert [h["qat/enabled"] for h in history] == [0, 0, 1, 1, 1, 1]
+    assert [h["qat/observers_frozen"] for h in history] == [0, 0, 0, 0, 1, 1]
+    assert [h["inputs_quantized"] for h in history] == [0, 0, 0, 0, 1, 1]
+    assert query.weight_quant.enabled and query.input_quant.enabled and not query.input_quant.observe
+    assert isinstance(query.output_quant, nn.Identity)  # quantize_linear_activations: 0
+    scale = "bert.encoder.layer.0.attention.self.query.input_quant.scale"
+    assert history[1]["qparams"][scale] == 1.0  # nothing observed before QAT
+    assert history[2]["qparams"][scale] != history[3]["qparams"][scale]  # moves while observing
+    for h in history[4:]:  # frozen: weights still train, no scale moves
+        for key, value in h["qparams"].items():
+            assert torch.equal(value, history[3]["qparams"][key]), key
+    weight_scale = "bert.encoder.layer.0.attention.self.query.weight_quant.scale"
+    assert not torch.equal(history[3]["qparams"][weight_scale], query.weight.abs().amax(1) / 127)
+
+
+def test_state_dict_round_trip_resumes_exactly(tmp_path):
+    model = tiny_bert()
+    modifier, state = init(model, steps_per_epoch=1, start_epoch=0, disable_quantization_observer_epoch=5)
+    run_steps(model, [modifier], state, 3)
+    saved = copy.deepcopy(modifier.state_dict())
+    snapshot = copy.deepcopy(model.state_dict())
+    ids = torch.randint(0, 2000, (2, 9))
+
+    resumed = tiny_bert(seed=1)
+    resumed.load_state_dict(snapshot)
+    other, other_state = init(resumed, steps_per_epoch=1, start_epoch=0, disable_quantization_observer_epoch=5)
+    other.load_state_dict(saved)
+    assert quant_state(resumed).keys() == quant_state(model).keys()
+    for key, value in quant_state(model).items():
+        assert torch.equal(quant_state(resumed)[key], value), key
+    model.eval(), resumed.eval()
+    assert torch.equal(model(input_ids=ids).logits, resumed(input_ids=ids).logits)
+
+    save_file({k: v.contiguous() for k, v in quant_state(model).items()}, tmp_path / "q.safetensors")
+    fresh = tiny_bert(seed=1)
+    fresh.load_state_dict(snapshot)
+    init(fresh, steps_per_epoch=1, start_epoch=0, disable_quantization_observer_epoch=5)
+    load_quant_state(fresh, load_file(tmp_path / "q.safetensors"))
+    fresh.eval()
+    assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
+    broken = load_file(tmp_path / "q.safetensors")
+    broken.pop(next(iter(broken)))
+    with pytest.raises(UserError, match="missing"):
+        load_quant_state(fresh, broken)
+
+
+def test_ddp_leaves_the_synced_buffers_alone():
+    model = tiny_bert()
+    init(model)
+    ignored = set(model._ddp_params_and_buffers_to_ignore)
+    buffers = {n for n, _ in model.named_buffers() if "_quant." in n}
+    assert "bert.encoder.layer.1.output.dense.input_quant.pending_min" in ignored
+    assert ignored == buffers
+
+
+def test_recipe_errors_name_the_key():
+    with pytest.raises(RecipeError, match="submodules: 'bert.decoder'"):
+        init(tiny_bert(), submodules=["bert.decoder"])
+    with pytest.raises(RecipeError, match="exclude_module_types|submodules"):
+        init(tiny_bert(), submodules=["classifier"], exclude_module_types=["Linear"])
+    with pytest.raises(RecipeError, match="end_epoch"):
+        QuantizationModifier(end_epoch=3.0).validate()
+    with pytest.raises(RecipeError, match="weight_bits"):
+        QuantizationModifier(weight_bits=16).validate()
+    with pytest.raises(RecipeError, match="disable_quantization_observer_epoch"):
+        QuantizationModifier(start_epoch=2.0, disable_quantization_observer_epoch=2.0).validate()
+    with pytest.raises(RecipeError, match="before QAT"):  # equal only after rounding to steps
+        init(tiny_bert(), steps_per_epoch=1, start_epoch=1.0, disable_quantization_observer_epoch=1.2)
+
+
+def test_timeline_names_the_qat_steps():
+    modifier = QuantizationModifier(**SST2_BLOCK, num_calibration_steps=3)
+    assert modifier.timeline(steps_per_epoch=10) == [
+        (10, "QuantizationModifier: QAT starts: int8 weights fake-quantized, activation observers on "
+             "(min/max all-reduced every step)"),
+        (13, "QuantizationModifier: activations fake-quantized (after 3 calibration step(s) that only observe)"),
+        (20, "QuantizationModifier: observers frozen: scales and zero points fixed"),
+        (20, "QuantizationModifier: freeze_bn_stats_epoch: no BatchNorm in BERT, nothing to do"),
+    ]
