@@ -163,8 +163,12 @@ def tokenize_texts(tokenizer, batch, columns: list[str], max_length: int):
     return tokenizer(*texts, truncation=True, max_length=max_length)
 
 
-def tokenize(ds, encode):
-    return None if ds is None else ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+def tokenize(ds, encode, labels_feature=None):
+    """``labels_feature`` fixes the labels' type: map keeps a same-named source column's (ints for 0./1. floats)."""
+    if ds is None:
+        return None
+    ds = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+    return ds.cast_column("labels", labels_feature) if labels_feature else ds
 
 
 def text_classification(args, tokenizer) -> TaskData:
@@ -229,8 +233,10 @@ def multi_label_classification(args, tokenizer) -> TaskData:
         enc["labels"] = hot.tolist()
         return enc
 
+    multi_hot = datasets.List(datasets.Value("float32"))
     return TaskData(
-        train=tokenize(train, encode), eval=tokenize(evaluation, encode), label_list=[str(x) for x in label_list],
+        train=tokenize(train, encode, multi_hot), eval=tokenize(evaluation, encode, multi_hot),
+        label_list=[str(x) for x in label_list],
         collator=DataCollatorWithPadding(tokenizer), compute_metrics=multi_label_metrics(args.multi_label_threshold),
         problem_type="multi_label_classification",
     )

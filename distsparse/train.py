@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(args.seed)
     model_path = args.model_name_or_path or default_model()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or model_path)
+    datasets.disable_progress_bars()  # a bad file must end in one readable line
     with accelerator.main_process_first():
         task = build_task(args, tokenizer)
     recipe = load_recipe(args.recipe or DEFAULT_RECIPE, args.recipe_args)

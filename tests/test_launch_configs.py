@@ -33,6 +33,7 @@ if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
 acc = Accelerator()
 total = acc.reduce(torch.tensor([acc.process_index + 1.0]), reduction="sum")
 print(f"rank {acc.process_index}/{acc.num_processes} {acc.distributed_type.value} sum={total.item():.0f}", flush=True)
+acc.end_training()  # destroys the process group: exiting with gloo threads alive can abort (SIGABRT)
 """
 
 

@@ -73,7 +73,7 @@ def _unit_scores(weight: torch.Tensor, keep: torch.Tensor, pattern: tuple) -> to
     if pattern[0] == "nm":
         n, m = pattern[1:]
         groups = scores.reshape(-1, m)
-        rank = groups.argsort(1, stable=True).argsort(1)
+        rank = groups.argsort(dim=1, stable=True).argsort(dim=1)
         return groups.masked_fill(rank >= m - n, math.inf).reshape(-1)
     return scores.reshape(-1)
 

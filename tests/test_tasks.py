@@ -1,0 +1,345 @@
+"""Tasks beyond single-sentence classification: NER (CoNLL), multi-label, GLUE sentence pairs.
+
+Data checks use the real MiniLM tokenizer; the training runs use a tiny BERT on a few hundred rows
+of the shared CoNLL-2003 and MRPC files (read in place, never copied) and a generated multi-label set.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED, minilm_dir, tiny_bert
+from torch.utils.data import DataLoader
+from transformers import AutoModelForTokenClassification, AutoTokenizer, BertForTokenClassification
+
+from distsparse.args import parse_args
+from distsparse.data import build_task, read_file
+from distsparse.errors import DataError
+from distsparse.events import Event, State
+from distsparse.metrics import iob2_entities
+from distsparse.modifiers.distillation import DistillationModifier, distillation_loss
+
+DATA = SHARED / "data"
+CONLL = DATA / "conll2003"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_dir())
+
+
+def task(tokenizer, *argv):
+    return build_task(parse_args(list(argv)), tokenizer)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def test_read_conll_layout(tmp_path):
+    path = tmp_path / "x.conll"
+    path.write_text("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects\tVBZ\tB-VP\tO\n\n\n"
+                    "German JJ B-NP B-MISC\n-DOCSTART- -X- O O\nPeter B-PER\n")
+    ds = read_file(path)
+    assert ds["tokens"] == [["EU", "rejects"], ["German"], ["Peter"]]
+    assert ds["ner_tags"] == [["B-ORG", "O"], ["B-MISC"], ["B-PER"]]
+
+
+def test_read_conll2003_valid_counts():
+    """The counts CoNLL-2003's SOURCE.txt gives (HF's split size; the paper's entity counts)."""
+    ds = read_file(CONLL / "valid.txt")
+    assert len(ds) == 3250
+    assert sum(map(len, ds["tokens"])) == 51362
+    kinds = [kind for tags in ds["ner_tags"] for kind, _, _ in iob2_entities(tags)]
+    assert {k: kinds.count(k) for k in set(kinds)} == {"PER": 1842, "LOC": 1837, "ORG": 1341, "MISC": 922}
+
+
+# -- token classification --------------------------------------------------------------------------
+
+def test_labels_on_first_sub_token(tokenizer, tmp_path):
+    rows = [{"tokens": ["Peter", "Blackburnshire", "visited", "Uzbekistan", "."],
+             "ner_tags": ["B-PER", "I-PER", "O", "B-LOC", "O"]}]
+    path = write_jsonl(tmp_path / "ner.jsonl", rows)
+    t = task(tokenizer, "--task", "token-classification", "--train_file", path, "--validation_file", path,
+             "--max_seq_length", "24")
+    assert t.label_list == ["O", "B-LOC", "B-PER", "I-PER"]
+    assert t.model_class is AutoModelForTokenClassification
+    row = t.train[0]
+    pieces = tokenizer.convert_ids_to_tokens(row["input_ids"])
+    firsts = [i for i, p in enumerate(pieces) if p not in ("[CLS]", "[SEP]") and not p.startswith("##")]
+    assert len(firsts) == 5 and len(pieces) > 7  # some words split into several pieces
+    assert [i for i, lab in enumerate(row["labels"]) if lab != -100] == firsts
+    assert [row["labels"][i] for i in firsts] == [t.label_list.index(tag) for tag in rows[0]["ner_tags"]]
+    # Eval rows come padded to --max_seq_length, so the loop can concatenate logits across batches.
+    evaluated = t.eval[0]
+    assert len(evaluated["input_ids"]) == 24 and evaluated["labels"][: len(row["labels"])] == row["labels"]
+    assert set(evaluated["labels"][len(row["labels"]):]) == {-100}
+
+
+def fake_hub(monkeypatch, train: dict, features: datasets.Features):
+    ds = datasets.Dataset.from_dict(train, features=features)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.DatasetDict(train=ds, validation=ds))
+
+
+def test_token_task_hub_classlabels(tokenizer, monkeypatch):
+    names = ["O", "B-PER", "I-PER"]
+    fake_hub(monkeypatch, {"tokens": [["Ann", "Lee", "ran"]], "ner_tags": [[1, 2, 0]]},
+             datasets.Features({"tokens": datasets.List(datasets.Value("string")),
+                                "ner_tags": datasets.List(datasets.ClassLabel(names=names))}))
+    t = task(tokenizer, "--task", "token-classification", "--dataset_name", "conll2003")
+    assert t.label_list == names
+    assert [x for x in t.train[0]["labels"] if x != -100] == [1, 2, 0]
+
+
+def bad(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("case", ["missing column", "unknown label", "empty", "no sentences", "not iob2",
+                                  "lengths", "one column", "no file"])
+def test_token_bad_data(tokenizer, tmp_path, case):
+    good = bad(tmp_path, "train.txt", "Ann B-PER\nLee I-PER\n\nran O\n")
+    train, valid, where = good, None, None
+    if case == "missing column":
+        train = where = write_jsonl(tmp_path / "t.jsonl", [{"tokens": ["a"], "tags": ["O"]}])
+        message = "missing column 'ner_tags'"
+    elif case == "unknown label":
+        valid = where = bad(tmp_path, "valid.txt", "Paris B-LOC\n")
+        message = "unknown label 'B-LOC'"
+    elif case == "empty":
+        valid = where = bad(tmp_path, "valid.txt", "")
+        message = "file is empty"
+    elif case == "no sentences":
+        train = where = bad(tmp_path, "d.conll", "-DOCSTART- -X- -X- O\n\n")
+        message = "no sentences"
+    elif case == "not iob2":
+        train = where = bad(tmp_path, "iobes.txt", "Ann S-PER\n")
+        message = "'S-PER' in column 'ner_tags' is not IOB2"
+    elif case == "lengths":
+        train = where = write_jsonl(tmp_path / "t.jsonl", [{"tokens": ["a", "b"], "ner_tags": ["O"]}])
+        message = "row 0 has 2 tokens but 1 tags"
+    elif case == "one column":
+        train = bad(tmp_path, "cols.txt", "Ann B-PER\n\nLee\n")
+        where, message = f"{train}:3", "expected a token and a tag"
+    else:
+        train = where = str(tmp_path / "nope.txt")
+        message = "file not found"
+    argv = ["--task", "token-classification", "--train_file", train] + (["--validation_file", valid] if valid else [])
+    with pytest.raises(DataError) as err:
+        task(tokenizer, *argv)
+    assert str(err.value).startswith(f"{where}: ") and message in str(err.value)
+
+
+def test_token_task_needs_data(tokenizer):
+    with pytest.raises(DataError, match="--task token-classification: pass --train_file"):
+        task(tokenizer, "--task", "token-classification")
+
+
+def test_distillation_on_token_batches(tokenizer):
+    """The DistillationModifier's KD on [B, L, C] logits counts only labelled tokens of our batches."""
+    t = task(tokenizer, "--task", "token-classification", "--train_file", str(CONLL / "valid.txt"),
+             "--max_train_samples", "8")
+    batch = t.collator([t.train[i] for i in range(8)])
+    assert (batch["labels"] == -100).any(dim=1).all()  # special tokens at least; padding, sub-tokens
+    config = tiny_bert(t.num_labels).config
+    student, teacher = (torch.manual_seed(seed) and BertForTokenClassification(config) for seed in (0, 1))
+    state = State(model=student, steps_per_epoch=1, teacher=teacher.eval(), batch=batch)
+    state.outputs = student(**batch)
+    state.loss = state.outputs.loss
+    DistillationModifier(hardness=1.0, temperature=2.0).apply(Event.LOSS, state)
+    with torch.no_grad():
+        teacher_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    keep = batch["labels"] != -100
+    want = torch.nn.functional.kl_div(
+        torch.log_softmax(state.outputs.logits[keep] / 2, -1), torch.softmax(teacher_logits[keep] / 2, -1),
+        reduction="sum") * 4 / keep.sum()
+    assert state.loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert state.loss.item() != pytest.approx(distillation_loss(state.outputs.logits, teacher_logits, 2.0).item(),
+                                              rel=1e-3)
+
+
+# -- sentence pairs (GLUE files as they are) -------------------------------------------------------
+
+def glue_rows(path):
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def test_mrpc_columns(tokenizer):
+    t = task(tokenizer, "--train_file", str(DATA / "mrpc/train.tsv"), "--validation_file", str(DATA / "mrpc/dev.tsv"),
+             "--input_column_names", "#1 String,#2 String", "--label_column_name", "Quality",
+             "--max_train_samples", "100")
+    rows = glue_rows(DATA / "mrpc/train.tsv")[:100]
+    assert t.label_list == ["0", "1"] and len(t.eval) == 408
+    assert t.train["labels"] == [int(r["Quality"]) for r in rows]
+    first = t.train[0]
+    assert 1 in first["token_type_ids"]  # encoded as a pair
+    assert tokenizer.decode(first["input_ids"], skip_special_tokens=True) == tokenizer.decode(
+        tokenizer(rows[0]["#1 String"], rows[0]["#2 String"])["input_ids"], skip_special_tokens=True)
+    assert set(t.compute_metrics(np.eye(2)[[0, 1]], np.array([0, 1]))) == {"accuracy", "f1"}
+
+
+def test_rte_string_labels(tokenizer):
+    t = task(tokenizer, "--train_file", str(DATA / "rte/train.tsv"), "--validation_file", str(DATA / "rte/dev.tsv"),
+             "--max_train_samples", "50")
+    rows = glue_rows(DATA / "rte/train.tsv")[:50]
+    assert t.label_list == ["entailment", "not_entailment"]
+    assert t.train["labels"] == [t.label_list.index(r["label"]) for r in rows]
+
+
+def test_pair_missing_column_names_file(tokenizer):
+    with pytest.raises(DataError, match=r"mrpc/train.tsv: missing column '#3 String'"):
+        task(tokenizer, "--train_file", str(DATA / "mrpc/train.tsv"), "--input_column_names", "#1 String,#3 String",
+             "--label_column_name", "Quality")
+
+
+# -- multi-label -----------------------------------------------------------------------------------
+
+ROWS = [("fresh apple pie", ["10", "2"]), ("a dog barks", ["1"]), ("nothing here", []), ("dog eats apple", ["1", "10"])]
+
+
+def test_multi_label_csv_and_jsonl_agree(tokenizer, tmp_path):
+    jsonl = write_jsonl(tmp_path / "ml.jsonl", [{"text": x, "labels": [int(v) for v in y]} for x, y in ROWS])
+    tsv = tmp_path / "ml.tsv"
+    tsv.write_text("text\tlabels\n" + "".join(f"{x}\t{';'.join(y)}\n" for x, y in ROWS))
+    a = task(tokenizer, "--task", "multi-label-classification", "--train_file", jsonl)
+    b = task(tokenizer, "--task", "multi-label-classification", "--train_file", str(tsv), "--label_delimiter", ";")
+    assert a.label_list == b.label_list == ["1", "2", "10"]
+    want = [[0, 1, 1], [1, 0, 0], [0, 0, 0], [1, 0, 1]]
+    assert a.train["labels"] == b.train["labels"] == want
+    assert a.problem_type == "multi_label_classification"
+    batch = a.collator([a.train[i] for i in range(4)])
+    assert batch["labels"].dtype == torch.float32
+    model = tiny_bert(3)
+    model.config.problem_type = a.problem_type
+    out = model(**batch)
+    assert out.loss.item() == pytest.approx(
+        torch.nn.functional.binary_cross_entropy_with_logits(out.logits, torch.tensor(want, dtype=torch.float)).item())
+
+
+@pytest.mark.parametrize("case", ["missing column", "unknown label"])
+def test_multi_label_bad_data(tokenizer, tmp_path, case):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "labels": ["x"]}])
+    if case == "missing column":
+        valid = write_jsonl(tmp_path / "valid.jsonl", [{"text": "a", "label": ["x"]}])
+        message = "missing column 'labels'"
+    else:
+        valid = write_jsonl(tmp_path / "valid.jsonl", [{"text": "a", "labels": ["x", "y"]}])
+        message = "unknown label 'y'"
+    with pytest.raises(DataError) as err:
+        task(tokenizer, "--task", "multi-label-classification", "--train_file", train, "--validation_file", valid)
+    assert str(err.value).startswith(f"{valid}: ") and message in str(err.value)
+
+
+def test_multi_label_hub_classlabels(tokenizer, monkeypatch):
+    fake_hub(monkeypatch, {"text": ["a b", "c"], "labels": [[0, 2], []]},
+             datasets.Features({"text": datasets.Value("string"),
+                                "labels": datasets.List(datasets.ClassLabel(names=["joy", "anger", "fear"]))}))
+    t = task(tokenizer, "--task", "multi-label-classification", "--dataset_name", "go_emotions")
+    assert t.label_list == ["joy", "anger", "fear"] and t.train["labels"] == [[1, 0, 1], [0, 0, 0]]
+
+
+# -- training ----------------------------------------------------------------------------------------
+
+RECIPE = """
+num_epochs: 2
+training_modifiers:
+  - !EpochRangeModifier
+      start_epoch: 0.0
+      end_epoch: eval(num_epochs)
+  - !LearningRateFunctionModifier
+      start_epoch: 0.0
+      end_epoch: eval(num_epochs)
+      lr_func: linear
+      init_lr: 0.005
+      final_lr: 0.0
+distillation_modifiers:
+  - !DistillationModifier
+      hardness: 0.5
+      temperature: 2.0
+constant_modifiers:
+  - !ConstantPruningModifier
+      start_epoch: 0.0
+      params: __ALL_PRUNABLE__
+"""
+
+
+def train_and_recompute(tmp_path, capsys, num_labels: int, *argv) -> tuple[dict, dict, str]:
+    """Train a 50%-sparse tiny BERT (teacher: itself); return (logged metrics, recomputed metrics, log)."""
+    from distsparse.train import main
+
+    model_dir, out = tmp_path / "tiny", tmp_path / "out"
+    tiny_bert(num_labels, sparsity=0.5).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(model_dir)
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    argv = [*argv, "--model_name_or_path", str(model_dir), "--recipe", str(tmp_path / "recipe.yaml"),
+            "--teacher", "self", "--output_dir", str(out), "--per_device_train_batch_size", "16",
+            "--max_seq_length", "48", "--save_strategy", "no", "--logging_steps", "5"]
+    assert main(argv) == 0
+    log = capsys.readouterr().out
+    logged = json.loads((out / "trainer_state.json").read_text())["metrics"]
+    # Recompute from the saved model: what the loop logged must be the metric of what it saved.
+    t = build_task(parse_args(argv), AutoTokenizer.from_pretrained(out))
+    model = t.model_class.from_pretrained(out).eval()
+    zeros = model.bert.encoder.layer[0].attention.self.query.weight.eq(0).float().mean().item()
+    assert zeros == pytest.approx(0.5, abs=0.01)  # the ConstantPruningModifier kept the zeros
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in DataLoader(t.eval, batch_size=32, collate_fn=t.collator):
+            logits.append(model(**batch).logits)
+            labels.append(batch["labels"])
+    recomputed = t.compute_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy())
+    return logged, {f"eval/{k}": v for k, v in recomputed.items()}, log
+
+
+def test_train_ner_conll2003(tmp_path, capsys):
+    logged, recomputed, log = train_and_recompute(
+        tmp_path, capsys, 9, "--task", "token-classification", "--train_file", str(CONLL / "train.txt"),
+        "--validation_file", str(CONLL / "valid.txt"), "--max_train_samples", "300", "--max_eval_samples", "100")
+    assert "eval/f1=" in log and "eval/precision=" in log and "eval/PER_f1=" in log
+    assert logged == pytest.approx(recomputed, abs=1e-5)
+    assert 0.5 < logged["eval/accuracy"] <= 1 and 0 <= logged["eval/f1"] <= 1
+
+
+def test_train_mrpc(tmp_path, capsys):
+    logged, recomputed, log = train_and_recompute(
+        tmp_path, capsys, 2, "--train_file", str(DATA / "mrpc/train.tsv"), "--validation_file",
+        str(DATA / "mrpc/dev.tsv"), "--input_column_names", "#1 String,#2 String", "--label_column_name", "Quality",
+        "--max_train_samples", "300", "--max_eval_samples", "200")
+    assert "eval/accuracy=" in log and "eval/f1=" in log
+    assert logged == pytest.approx(recomputed, abs=1e-5)
+    assert 0.3 < logged["eval/accuracy"] < 1
+
+
+def test_train_multi_label(tmp_path, capsys):
+    """A generated set where each keyword carries a label; the tiny model must beat predicting nothing."""
+    words = {"apple": "fruit", "pear": "fruit", "dog": "animal", "cat": "animal", "red": "color", "blue": "color"}
+    filler = "the a some very old new big small one".split()
+    rnd = random.Random(0)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            keys = rnd.sample(sorted(words), rnd.randint(0, 3))
+            text = rnd.sample(filler, 4) + keys
+            rnd.shuffle(text)
+            out.append({"text": " ".join(text), "labels": sorted({words[k] for k in keys})})
+        return out
+
+    train = write_jsonl(tmp_path / "train.jsonl", rows(320))
+    valid = write_jsonl(tmp_path / "valid.jsonl", rows(80))
+    logged, recomputed, log = train_and_recompute(
+        tmp_path, capsys, 3, "--task", "multi-label-classification", "--train_file", train,
+        "--validation_file", valid, "--num_train_epochs", "2")
+    assert "eval/f1_micro=" in log and "eval/f1_macro=" in log
+    assert logged == pytest.approx(recomputed, abs=1e-5)
+    assert logged["eval/f1_micro"] > 0.5
