@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("tracking")
     g.add_argument("--report_to", choices=["none", "wandb", "tensorboard"], default="none")
     g.add_argument("--run_name", default=None)
-    g.add_argument("--wandb_project", default="distsparse")
-    g.add_argument("--wandb_entity", default=None)
+    g.add_argument("--wandb_project", default=None, help="default: $WANDB_PROJECT (set by sweep agents), else distsparse")
+    g.add_argument("--wandb_entity", default=None, help="default: $WANDB_ENTITY, else your W&B default entity")
     g.add_argument("--wandb_group", default=None)
     g.add_argument("--wandb_tags", default=None, help="comma-separated")
     return p

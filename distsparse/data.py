@@ -128,6 +128,14 @@ def require_columns(splits, columns: list[str]) -> None:
             raise DataError(f"{where}: missing column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
 
 
+def require_labels(splits, column: str) -> None:
+    """No row without a label (an empty csv cell, a json null): it would fail mid-training, not here."""
+    for ds, where in splits:
+        row = next((i for i, v in enumerate(ds[column]) if v is None), None) if ds is not None else None
+        if row is not None:
+            raise DataError(f"{where}: row {row} has no label in column {column!r}")
+
+
 def pick_text_columns(ds: datasets.Dataset, requested: str | None, where: str) -> list[str]:
     if requested:
         columns = [c.strip() for c in requested.split(",") if c.strip()]
@@ -178,6 +186,7 @@ def text_classification(args, tokenizer) -> TaskData:
     label_col = args.label_column_name or "label"
     require_columns([(evaluation, eval_name)], columns)
     require_columns([(train, train_name), (evaluation, eval_name)], [label_col])
+    require_labels([(train, train_name), (evaluation, eval_name)], label_col)
     names = class_names(train.features[label_col])
     label_list = names or sorted(set(train[label_col]))
     label_to_id = {label: i for i, label in enumerate(label_list)}
@@ -250,6 +259,7 @@ def token_classification(args, tokenizer) -> TaskData:
     word_col = (args.input_column_names or "tokens").strip()
     tag_col = args.label_column_name or "ner_tags"
     require_columns([(train, train_name), (evaluation, eval_name)], [word_col, tag_col])
+    require_labels([(train, train_name), (evaluation, eval_name)], tag_col)
     for ds, where in ((train, train_name), (evaluation, eval_name)):
         for row, (words, tags) in enumerate(zip(ds[word_col], ds[tag_col]) if ds is not None else ()):
             if len(words) != len(tags):

@@ -1,17 +1,33 @@
 """Rank consistency: everything that makes the recipe act identically on every rank lives here.
 
-Modifiers never talk to torch.distributed themselves; they call these functions, which are
-no-ops in a single process. ``SYNC`` can be switched off (``--debug_disable_rank_sync``) only to
-prove that the consistency check catches what it claims to catch.
+Modifiers never talk to torch.distributed or DeepSpeed themselves; they call these functions,
+which are no-ops in a single process:
+
+- ``broadcast_`` / ``all_reduce_min_max_``: the two fused collectives masks and observers use;
+- ``full_parameters`` / ``mask_parameter_``: read and write weights wherever this rank keeps
+  them (plain tensor, ZeRO-3 partition, DeepSpeed's fp32 master copy);
+- ``make_accelerator`` / ``prepare_teacher``: DDP or DeepSpeed as launched, the teacher frozen or
+  ZeRO-3 partitioned, never wrapped for gradient sync;
+- ``check_rank_consistency``: digests of masks, quantization parameters and replicated weights,
+  compared across ranks.
+
+``SYNC`` can be switched off (``--debug_disable_rank_sync``) only to prove that the consistency
+check catches what it claims to catch.
 """
 from __future__ import annotations
 
 import hashlib
+import os
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 SYNC = True
+# Test hook, documented in tests/test_distributed.py: a folder where every rank writes the tensors
+# it digests (rank{N}.safetensors) at each consistency check, so a test can compare real values.
+DUMP_ENV = "DISTSPARSE_DUMP_RANK_STATE"
 
 
 def world_size() -> int:
@@ -26,17 +42,22 @@ def _active() -> bool:
     return SYNC and world_size() > 1
 
 
+# -- collectives ------------------------------------------------------------------------------------
 def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
-    """Overwrite ``tensors`` in place with rank ``src``'s values, in one fused collective."""
+    """Overwrite ``tensors`` in place with rank ``src``'s values, one fused collective per dtype.
+
+    Bool masks travel as uint8 (gloo and NCCL have no bool), a quarter of float32's bytes.
+    """
     if not _active() or not tensors:
         return
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
-    dist.broadcast(flat, src)
-    offset = 0
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
-        offset += n
+        groups.setdefault(torch.uint8 if t.dtype == torch.bool else t.dtype, []).append(t)
+    for wire, group in groups.items():
+        flat = torch.cat([t.detach().reshape(-1).to(wire) for t in group])
+        dist.broadcast(flat, src)
+        for t, part in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(part.view_as(t).to(t.dtype))
 
 
 def all_reduce_min_max_(mins: torch.Tensor, maxs: torch.Tensor) -> None:
@@ -59,13 +80,138 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+# -- weights wherever they live -----------------------------------------------------------------------
+@contextmanager
+def full_parameters(model: torch.nn.Module, names=None):
+    """Inside, ``names`` (all if None) hold their whole values on every rank: under ZeRO-3 they are
+    gathered (a collective: every rank must enter), read-only, and partitioned again on exit."""
+    wanted = None if names is None else set(names)
+    params = [p for n, p in model.named_parameters() if wanted is None or n in wanted]
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        yield
+
+
+def _zero3_local(keep: torch.Tensor, partition: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a flattened ``keep``, as ZeRO-3 partitions: equal slices in rank order,
+    the last padded (padding kept; it is never used). Assumes data parallelism over all ranks."""
+    size = partition.numel()
+    flat = keep.reshape(-1)[rank() * size:(rank() + 1) * size].to(partition.device)
+    return torch.cat([flat, flat.new_ones(size - flat.numel())]) if flat.numel() < size else flat
+
+
+@torch.no_grad()
+def mask_parameter_(param: torch.nn.Parameter, keep: torch.Tensor) -> None:
+    """Zero what ``keep`` prunes in every copy of ``param`` this rank holds, without collectives.
+
+    The next forward must see zeros and so must the next optimizer step, which under DeepSpeed
+    starts from its own fp32 master copy (masking ``param.data`` alone is undone at the next step):
+    - the parameter itself when it holds the whole tensor (DDP, ZeRO-1/2, ZeRO-3 persistent or
+      gathered parameters);
+    - ZeRO-3: the partition ``ds_tensor`` (gathered for each forward) and the fp32 master partition
+      (``deepspeed.utils.safe_get/set_local_fp32_param``);
+    - ZeRO-1/2: the fp32 master fragment this rank owns (``param._hp_mapping``; DeepSpeed has no
+      local setter, and ``safe_get_full_fp32_param`` would be one all-reduce per tensor).
+    """
+    if param.numel() == keep.numel():
+        param.data.masked_fill_(~keep.to(param.device), 0.0)
+    partition = getattr(param, "ds_tensor", None)
+    if partition is not None:
+        local = _zero3_local(keep, partition)
+        partition.data.masked_fill_(~local, 0.0)
+        if getattr(param, "_z3_optimizer", None) is not None and param.requires_grad:
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+            master = safe_get_local_fp32_param(param)
+            safe_set_local_fp32_param(param, master.masked_fill(~local.to(master.device), 0.0))
+    fragment = getattr(param, "_hp_mapping", None)
+    if fragment is not None:
+        where = fragment.lp_fragment_address
+        local = keep.reshape(-1).narrow(0, where.start, where.numel)
+        fragment.hp_fragment.data.masked_fill_(~local.to(fragment.hp_fragment.device), 0.0)
+
+
+def zero_stage(accelerator) -> int | None:
+    """DeepSpeed's ZeRO stage of the student, None without DeepSpeed."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return int(accelerator.state.get_deepspeed_plugin("student").zero_stage)
+
+
+# -- accelerator and teacher ----------------------------------------------------------------------------
+def make_accelerator(args):
+    """The Accelerator for ``args``: DDP or DeepSpeed, as ``accelerate launch`` configured the run.
+
+    Under DeepSpeed it holds two plugins, "student" (active) and "teacher", both built from the
+    launch config; ``prepare_teacher`` uses the second one only under ZeRO-3. DDP's buffer
+    broadcast is off: our observer sync keeps buffers equal, and DDP copying rank 0's buffers
+    over the others' would hide a bug from the consistency check.
+    """
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    from . import tracking
+
+    plugins = None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if not torch.cuda.is_available():
+            PartialState(backend="gloo")  # without it Accelerate finds no backend and runs one process
+        plugins = {"student": DeepSpeedPlugin(), "teacher": DeepSpeedPlugin()}
+        # The teacher is prepared without a dataloader, so its micro batch cannot stay "auto".
+        plugins["teacher"].deepspeed_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=tracking.log_with(args.report_to),
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        deepspeed_plugins=plugins,
+    )
+
+
 def prepare_teacher(accelerator, teacher):
-    """A frozen teacher in eval mode on the right device, never wrapped for gradient sync."""
+    """The teacher for inference on every rank: frozen, in eval mode, never wrapped for gradient sync.
+
+    DDP and ZeRO-1/2: a whole frozen copy on the device (Accelerate adds autocast for mixed
+    precision). ZeRO-3: a DeepSpeed inference engine from the "teacher" plugin, so each rank keeps
+    1/world_size of the teacher's parameters, gathered layer by layer in its forward.
+
+    Why Accelerate's multiple DeepSpeed plugins rather than TRL's direct ``deepspeed.initialize``
+    with a copied config: the teacher takes the very ZeRO-3 settings the user launched with
+    (offload, buckets, precision), Accelerate fills their "auto" values and keeps one process
+    group and one device setup; ``accelerator.backward`` keeps stepping the student's engine.
+    Either way the teacher is taken out of Accelerate's model list: ``save_state`` must not write
+    (nor ``load_state`` restore) a frozen teacher that ``--teacher`` reloads anyway, and under
+    DeepSpeed it would call ``save_checkpoint`` on a plain module.
+    """
     if teacher is None:
         return None
-    return accelerator.prepare_model(teacher, evaluation_mode=True).eval()
+    teacher.eval().requires_grad_(False)
+    if zero_stage(accelerator) == 3:
+        accelerator.state.select_deepspeed_plugin("teacher")
+        try:
+            prepared = accelerator.prepare(teacher)
+        finally:
+            accelerator.state.select_deepspeed_plugin("student")
+    else:
+        prepared = accelerator.prepare_model(teacher, evaluation_mode=True)
+    accelerator._models.remove(prepared)
+    prepared.eval()  # DeepSpeedEngine.eval() returns None
+    if zero_stage(accelerator) == 3:
+        local = sum(p.ds_tensor.numel() for p in prepared.module.parameters())
+        total = sum(p.ds_numel for p in prepared.module.parameters())
+        accelerator.print(f"teacher: ZeRO-3 partitioned, rank 0 holds {local / total:.1%} of its {total:,} parameters")
+    return prepared
 
 
+# -- the check ---------------------------------------------------------------------------------------------
 class RankMismatch(RuntimeError):
     """Ranks disagree on a tensor the recipe says must be identical everywhere."""
 
@@ -74,7 +220,8 @@ def _digest(t: torch.Tensor) -> int:
     data = t.detach().cpu().contiguous().reshape(-1)
     if data.dtype == torch.bool:
         data = data.to(torch.uint8)
-    return int.from_bytes(hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=8).digest(), "little", signed=True)
+    return int.from_bytes(hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=8).digest(),
+                          "little", signed=True)
 
 
 def _flatten(prefix: str, value, out: list) -> None:
@@ -85,8 +232,9 @@ def _flatten(prefix: str, value, out: list) -> None:
             _flatten(f"{prefix}.{k}" if prefix else str(k), value[k], out)
 
 
-def consistency_tensors(model, modifiers, include_weights: bool) -> list[tuple[str, torch.Tensor]]:
-    """Every tensor that must be bitwise equal on all ranks: masks, quantization parameters, weights."""
+def consistency_tensors(model, modifiers, include_weights: bool, teacher=None) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor that must be bitwise equal on all ranks: modifier state (masks, observer
+    statistics), scales/zero-points, and with ``include_weights`` the student's and teacher's weights."""
     from .fake_quant import qparams
 
     tensors: list = []
@@ -95,15 +243,23 @@ def consistency_tensors(model, modifiers, include_weights: bool) -> list[tuple[s
     _flatten("qparams", qparams(model), tensors)
     if include_weights:
         tensors += [(f"weight.{n}", p) for n, p in model.named_parameters()]
+        if teacher is not None:
+            tensors += [(f"teacher.{n}", p) for n, p in teacher.named_parameters()]
     return tensors
 
 
-def check_rank_consistency(model, modifiers, accelerator) -> int:
-    """Compare digests of masks, scales/zero-points and (DDP) weights across ranks; raise on the first mismatch."""
-    from accelerate.utils import DistributedType
+def check_rank_consistency(model, modifiers, accelerator, teacher=None) -> int:
+    """Compare digests across ranks; raise ``RankMismatch`` naming the first tensor that differs.
 
-    include_weights = accelerator.distributed_type != DistributedType.DEEPSPEED
-    tensors = consistency_tensors(accelerator.unwrap_model(model), modifiers, include_weights)
+    Weights are compared where every rank holds them whole: DDP and ZeRO-1/2 (whose 16/32-bit
+    parameters are all-gathered after every step; only optimizer state is sharded). Under ZeRO-3
+    each rank holds a different partition, so only masks and quantization state are compared.
+    Collective: call on every rank. Returns the number of tensors compared.
+    """
+    include_weights = zero_stage(accelerator) != 3
+    tensors = consistency_tensors(accelerator.unwrap_model(model), modifiers, include_weights,
+                                  teacher if teacher is None or zero_stage(accelerator) != 3 else None)
+    _dump(tensors, teacher)
     mine = torch.tensor([_digest(t) for _, t in tensors], dtype=torch.int64)
     if world_size() > 1:
         everyone = [torch.empty_like(mine) for _ in range(world_size())]
@@ -114,3 +270,19 @@ def check_rank_consistency(model, modifiers, accelerator) -> int:
                 name = tensors[int(differs[0])][0]
                 raise RankMismatch(f"rank consistency: FAILED: {name} differs between rank 0 and rank {r}")
     return len(tensors)
+
+
+def _dump(tensors: list[tuple[str, torch.Tensor]], teacher) -> None:
+    folder = os.environ.get(DUMP_ENV)
+    if not folder:
+        return
+    from safetensors.torch import save_file
+
+    out = {name: t.detach().cpu().contiguous().clone() for name, t in tensors}
+    if teacher is not None:
+        params = list(teacher.parameters())
+        out["teacher_numel"] = torch.tensor(sum(getattr(p, "ds_numel", p.numel()) for p in params))
+        out["teacher_local_numel"] = torch.tensor(sum(
+            p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_file(out, str(Path(folder) / f"rank{rank()}.safetensors"))

@@ -33,6 +33,38 @@ EPS = torch.finfo(torch.float32).eps
 AVERAGING_CONSTANT = 0.01  # torch.ao.quantization.MovingAverageMinMaxObserver's default
 
 
+def fake_quantize(x, scale, zero_point, quant_min: int, quant_max: int, axis: int | None = None):
+    """torch.fake_quantize_per_{tensor,channel}_affine: same numbers, same straight-through gradient.
+
+    torch's ops are what ONNX export turns into QuantizeLinear/DequantizeLinear, and one fused kernel
+    on GPU; on CPU they are about 4x slower than plain tensor arithmetic, so CPU training computes
+    the same formula itself (tests check it is bitwise equal to torch's).
+    """
+    if x.device.type != "cpu" or torch.onnx.is_in_onnx_export():
+        if axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, quant_min, quant_max)
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale, zero_point = scale.view(shape), zero_point.view(shape)
+    return _FakeQuantize.apply(x, scale, zero_point, quant_min, quant_max)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, quant_min, quant_max):
+        q = torch.mul(x, torch.reciprocal(scale)).round_().add_(zero_point)
+        clamped = q.clamp(quant_min, quant_max)
+        ctx.save_for_backward(clamped == q)
+        return clamped.sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
 class FakeQuant(nn.Module):
     """``enabled`` fake-quantizes, ``observe`` updates statistics; plain attributes, so reading them
     in forward never waits on a GPU."""
@@ -56,12 +88,23 @@ class WeightFakeQuant(FakeQuant):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
+        self.observe_(weight)
+        return fake_quantize(weight, self.scale, self.zero_point, self.quant_min, self.quant_max, axis=0)
+
+    def rows(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``forward(weight)[index]`` given ``rows = weight[index]``: an embedding's looked-up rows
+        cost a few thousand elements instead of the whole vocabulary table."""
+        flat = index.reshape(-1)
+        out = fake_quantize(rows.reshape(flat.numel(), -1), self.scale[flat], self.zero_point[flat],
+                            self.quant_min, self.quant_max, axis=0)
+        return out.view_as(rows)
+
+    def observe_(self, weight: torch.Tensor) -> None:
         if self.observe:
             with torch.no_grad():
-                absmax = weight.detach().abs().amax(dim=1).float()
+                w = weight.detach()
+                absmax = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_()).float()  # no |w| temporary
                 torch.clamp(absmax / self.quant_max, min=EPS, out=self.scale)
-        return torch.fake_quantize_per_channel_affine(
-            weight, self.scale, self.zero_point, 0, self.quant_min, self.quant_max)
 
 
 class ActivationFakeQuant(FakeQuant):
@@ -85,8 +128,7 @@ class ActivationFakeQuant(FakeQuant):
                 torch.maximum(self.pending_max, high, out=self.pending_max)
         if not self.enabled:
             return x
-        return torch.fake_quantize_per_tensor_affine(
-            x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+        return fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
 
 
 class QuantLinear(nn.Linear):
@@ -101,9 +143,14 @@ class QuantEmbedding(nn.Embedding):
     """nn.Embedding with fake-quantized weight (per row) and (optionally) output."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_quant(self.weight)
-        y = F.embedding(ids, weight, self.padding_idx, self.max_norm, self.norm_type,
-                        self.scale_grad_by_freq, self.sparse)
+        wq = self.weight_quant
+        if wq.enabled and not torch.onnx.is_in_onnx_export():
+            wq.observe_(self.weight)  # the same numbers as below, quantizing only the rows looked up
+            y = wq.rows(F.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                                    self.scale_grad_by_freq, self.sparse), ids)
+        else:
+            y = F.embedding(ids, wq(self.weight), self.padding_idx, self.max_norm, self.norm_type,
+                            self.scale_grad_by_freq, self.sparse)
         return self.output_quant(y)
 
 
@@ -173,6 +220,15 @@ def affine_qparams(min_val, max_val, quant_min, quant_max):
     zero_point = quant_min - torch.round(min_neg / scale)
     zero_point = torch.minimum(torch.maximum(zero_point, quant_min), quant_max)
     return scale, zero_point.to(torch.int32)
+
+
+def freeze_(model: nn.Module) -> None:
+    """Fix every scale as a deployed model needs: weights still observed get their final scale."""
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, QuantEmbedding)) and module.weight_quant.enabled:
+            module.weight_quant.observe_(module.weight)
+    for _, fq in fake_quants(model):
+        fq.observe = False
 
 
 # -- saving and checking ---------------------------------------------------------------------------

@@ -48,15 +48,21 @@ def save_model(accelerator, model, tokenizer, recipe, folder: Path, metadata: di
 
 
 def sparsity_report(model: nn.Module) -> dict:
-    """Fraction of exact zeros in Linear weights: overall, and per kind of layer (attention, mlp, ...)."""
+    """Fraction of exact zeros in Linear weights: overall, and per kind of layer (attention, mlp, ...).
+
+    Collective under ZeRO-3 (each weight is gathered in turn): call it on every rank.
+    """
+    from .distributed import full_parameters
+
     zeros, total = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            w = module.weight.detach()
-            kind = layer_kind(name)
-            for key in ("linear", kind):
-                zeros[key] = zeros.get(key, 0) + int((w == 0).sum())
-                total[key] = total.get(key, 0) + w.numel()
+            with full_parameters(module, ["weight"]):
+                w = module.weight.detach()
+                kind = layer_kind(name)
+                for key in ("linear", kind):
+                    zeros[key] = zeros.get(key, 0) + int((w == 0).sum())
+                    total[key] = total.get(key, 0) + w.numel()
     return {f"sparsity/{k}": zeros[k] / total[k] for k in total if total[k]}
 
 

@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 
 from .errors import UserError
+from .savedmodel import RECIPE_FILE
 
 # Accelerate silently drops a tracker whose package is missing; we would rather say so at start.
 MODULES = {"wandb": "wandb", "tensorboard": "torch.utils.tensorboard"}
 RUN_ID = "wandb_run_id"
-RECIPE_FILE = "recipe.yaml"
 
 
 def log_with(report_to: str) -> str | None:
@@ -31,7 +31,7 @@ def log_with(report_to: str) -> str | None:
     return report_to
 
 
-def start(accelerator, args, config: dict, recipe_yaml: str, extra: dict) -> None:
+def start(accelerator, args, config: dict, recipe, extra: dict) -> None:
     """Start the run with the job's config and save the resolved recipe with it.
 
     ``extra`` is the checkpointed ``Progress.extra``: it holds the run id of the job being resumed,
@@ -41,13 +41,15 @@ def start(accelerator, args, config: dict, recipe_yaml: str, extra: dict) -> Non
         return
     config = {**config, "distributed_type": str(accelerator.distributed_type),
               "backend": accelerator.state.backend}
-    accelerator.init_trackers(args.wandb_project, config=config,
+    # A sweep agent names the sweep's project in WANDB_PROJECT; a run elsewhere would leave the sweep.
+    project = args.wandb_project or os.environ.get("WANDB_PROJECT", "distsparse")
+    accelerator.init_trackers(project, config=config,
                               init_kwargs={"wandb": wandb_init_kwargs(args, extra.get(RUN_ID))})
     if args.report_to == "wandb" and accelerator.is_main_process:
         run = accelerator.get_tracker("wandb", unwrap=True)
         extra[RUN_ID] = run.id
         path = Path(run.dir) / RECIPE_FILE
-        path.write_text(recipe_yaml)
+        path.write_text(recipe.to_yaml(config))
         run.save(str(path), base_path=run.dir, policy="now")
 
 

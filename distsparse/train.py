@@ -16,7 +16,6 @@ from pathlib import Path
 
 import datasets
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -28,6 +27,7 @@ from .checkpoint import TRAINING_STATE, checkpoints, resolve_resume, save_checkp
 from .errors import UserError
 from .data import build_task
 from .events import Event, State, fire
+from .modifiers.training import NO_DECAY
 from .recipe import load_recipe
 from .savedmodel import save_model, sparsity_report
 
@@ -81,23 +81,12 @@ class Preemption:
         self.requested = True
 
 
-def make_accelerator(args) -> Accelerator:
-    return Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=tracking.log_with(args.report_to),
-        project_dir=args.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        # Our observer sync keeps buffers equal; DDP's copy of rank 0's buffers would hide a bug.
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-    )
-
-
 def load_teacher(args, model, task):
     if args.teacher in (None, "", "disable"):
         return None
     if args.teacher == "self":
-        teacher = copy.deepcopy(model)
+        with distributed.full_parameters(model):  # ZeRO-3 loads partitioned (zero.Init): copy whole weights
+            teacher = copy.deepcopy(model)
     else:
         teacher = task.model_class.from_pretrained(args.teacher, num_labels=task.num_labels)
     return teacher.eval().requires_grad_(False)
@@ -108,7 +97,8 @@ def param_groups(model, weight_decay: float):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, NO_DECAY: True}]  # SetWeightDecayModifier leaves it at 0
 
 
 @torch.no_grad()
@@ -127,7 +117,7 @@ def evaluate(model, loader, accelerator, task) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     distributed.SYNC = not args.debug_disable_rank_sync
-    accelerator = make_accelerator(args)
+    accelerator = distributed.make_accelerator(args)
     guard_output_dir(args, accelerator)
     set_seed(args.seed)
     model_path = args.model_name_or_path or default_model()
@@ -152,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Build everything the recipe needs (masks, fake-quant modules) before DDP/DeepSpeed wrap the model.
     state = State(model=model, steps_per_epoch=steps_per_epoch, accelerator=accelerator)
-    fire(recipe.modifiers, Event.INIT, state)
+    with distributed.full_parameters(model):  # ZeRO-3 loads partitioned (zero.Init): INIT sees whole weights
+        fire(recipe.modifiers, Event.INIT, state)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     eval_dl = eval_dl and accelerator.prepare(eval_dl)
@@ -168,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     state.step = progress.step
     run_config = {**vars(args), "world_size": accelerator.num_processes, "steps_per_epoch": steps_per_epoch,
                   "total_steps": total_steps, "recipe_variables": recipe.variables}
-    tracking.start(accelerator, args, run_config, recipe.to_yaml(run_config), progress.extra)
+    tracking.start(accelerator, args, run_config, recipe, progress.extra)
 
     def write_model(folder):
         save_model(accelerator, model, tokenizer, recipe, folder, metadata=run_config)
@@ -182,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def check_ranks():
         if args.check_rank_consistency != "off" and accelerator.num_processes > 1:
-            n = distributed.check_rank_consistency(model, recipe.modifiers, accelerator)
+            n = distributed.check_rank_consistency(model, recipe.modifiers, accelerator, state.teacher)
             accelerator.print(f"rank consistency: OK ({n} tensors)")
 
     fire(recipe.modifiers, Event.FIT_START, state)
@@ -267,11 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     if eval_dl:
         metrics = {f"eval/{k}": v for k, v in evaluate(model, eval_dl, accelerator, task).items()}
     save_model(accelerator, model, tokenizer, recipe, Path(args.output_dir), metadata=run_config)
+    sparsity = sparsity_report(state.model)  # every rank: collective under ZeRO-3
     if accelerator.is_main_process:
         write_json(Path(args.output_dir) / "trainer_state.json", {"global_step": state.step, "epoch": state.epoch,
                                                                     "steps_per_epoch": steps_per_epoch, "metrics": metrics})
         (Path(args.output_dir) / "PREEMPTED").unlink(missing_ok=True)
-        summary(metrics, sparsity_report(state.model), bool(state.logs.get("qat/enabled")), args.output_dir)
+        summary(metrics, sparsity, bool(state.logs.get("qat/enabled")), args.output_dir)
     accelerator.end_training()
     return 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,6 +37,38 @@ total = acc.reduce(torch.tensor([acc.process_index + 1.0]), reduction="sum")
 print(f"rank {acc.process_index}/{acc.num_processes} {acc.distributed_type.value} sum={total.item():.0f}", flush=True)
 acc.end_training()  # destroys the process group: exiting with gloo threads alive can abort (SIGABRT)
 """
+
+
+RECIPE = """
+num_epochs: 2.0
+training_modifiers:
+  - !EpochRangeModifier
+    start_epoch: 0.0
+    end_epoch: eval(num_epochs)
+  - !LearningRateFunctionModifier
+    start_epoch: 0.0
+    end_epoch: eval(num_epochs)
+    lr_func: linear
+    init_lr: 1e-3
+    final_lr: 0.0
+pruning_modifiers:
+  - !ConstantPruningModifier
+    start_epoch: 0.0
+    params: __ALL_PRUNABLE__
+"""
+
+
+def write_small_job(folder: Path) -> tuple[Path, Path]:
+    """48 rows (6 steps per epoch at batch 4 x 2 processes) and a 2-epoch constant-pruning recipe."""
+    rows = ["sentence,label"] + [f"sample {i} {'good fine great' if i % 2 else 'bad poor awful'},{i % 2}" for i in range(48)]
+    (folder / "train.csv").write_text("\n".join(rows) + "\n")
+    (folder / "recipe.yaml").write_text(RECIPE)
+    return folder / "train.csv", folder / "recipe.yaml"
+
+
+def lr_at(log: str, step: int) -> str:
+    """The learning rate the training logged for a step (--logging_steps 1)."""
+    return re.search(rf"^step {step} .*?train/lr=(\S+)", log, re.M).group(1)
 
 
 def free_port() -> int:
@@ -103,20 +137,33 @@ def test_cpu_config_launches_two_processes_that_all_reduce(tmp_path, name, env):
         assert f"rank {rank}/2 {kind} sum=3" in out, out[-3000:]
 
 
-def test_cpu_2proc_trains_tiny_model(tmp_path, tiny_model_dir):
-    """The real training job under the 2-process CPU config: both ranks end with the same weights."""
-    pytest.importorskip("distsparse.train")
-    train = tmp_path / "train.csv"
-    train.write_text("sentence,label\n" + "".join(
-        f"{'good great fine' if i % 2 else 'bad awful poor'} movie {i},{i % 2}\n" for i in range(16)))
-    out_dir = tmp_path / "out"
-    cmd = accelerate_launch(CONFIGS / "cpu_2proc.yaml", free_port(), "-m", "distsparse.train",
-                            "--model_name_or_path", str(tiny_model_dir), "--train_file", str(train),
-                            "--output_dir", str(out_dir), "--per_device_train_batch_size", "4",
-                            "--max_seq_length", "16", "--num_train_epochs", "1", "--seed", "0")
+def test_cpu_2proc_trains_and_resumes_a_one_process_checkpoint(tmp_path, tiny_model_dir, capsys):
+    """The training job under the 2-process config, resuming a checkpoint written by one process:
+    steps per epoch halve, and the run continues at the same epoch with the same LR schedule."""
+    train = pytest.importorskip("distsparse.train").main
+    train_file, recipe = write_small_job(tmp_path)
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", str(tiny_model_dir), "--recipe", str(recipe), "--train_file", str(train_file),
+            "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_seq_length", "16",
+            "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "epoch"]
+    assert train(args) == 0  # one process: 12 steps per epoch, checkpoint-12 at epoch 1
+    one_process = capsys.readouterr().out
+    for path in out.iterdir():  # keep only the epoch-1 checkpoint, as if preempted there
+        if path.is_dir() and path.name != "checkpoint-12":
+            shutil.rmtree(path)
+        elif path.is_file():
+            path.unlink()
+
+    cmd = accelerate_launch(CONFIGS / "cpu_2proc.yaml", free_port(), "-m", "distsparse.train", *args,
+                            "--resume_from_checkpoint", "latest")
     proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(tmp_path, ACCELERATE_USE_CPU="true"),
                           capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
-    assert "rank consistency: OK" in out, out[-3000:]
-    assert (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file()
+    two_processes = proc.stdout + proc.stderr
+    assert proc.returncode == 0, two_processes[-3000:]
+    assert f"resumed from {out / 'checkpoint-12'} at step 6" in two_processes
+    assert "rank consistency: OK" in two_processes
+    assert [int(s) for s in re.findall(r"^step (\d+) ", two_processes, re.M)] == list(range(7, 13))
+    # Both steps start at epoch 1.0 (2-process step 7, 1-process step 13): the same learning rate.
+    assert lr_at(two_processes, 7) == lr_at(one_process, 13) == "0.0005"
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 12

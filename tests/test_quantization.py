@@ -8,21 +8,26 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import tiny_bert
+from conftest import SHARED, tiny_bert
 from distsparse import distributed
 from distsparse.errors import RecipeError, UserError
 from distsparse.events import Event, State, fire
 from distsparse.fake_quant import (ActivationFakeQuant, QuantEmbedding, QuantLinear, WeightFakeQuant,
-                                   load_quant_state, qparams, quant_state, to_quant_, update_observers_)
+                                   fake_quantize, load_quant_state, qparams, quant_state, to_quant_, update_observers_)
 from distsparse.modifiers.quantization import QuantizationModifier
+from distsparse.recipe import load_recipe
 
-# The QuantizationModifier block of ../shared/recipes-sparseml/*sst2_pruned90_quant.yaml, epochs
-# scaled down (there: start 8, observers frozen at 12).
-SST2_BLOCK = dict(
-    start_epoch=1.0, disable_quantization_observer_epoch=2.0, freeze_bn_stats_epoch=2.0,
-    quantize_embeddings=1, quantize_linear_activations=0, exclude_module_types=["LayerNorm", "Tanh"],
-    submodules=["bert.embeddings", "bert.encoder", "bert.pooler", "classifier"],
-)
+SST2 = SHARED / "recipes-sparseml/neuralmagic+sparseml__tutorial-sentiment-analysis-cli__sst2_pruned90_quant.yaml"
+
+
+def sst2_block(**overrides) -> QuantizationModifier:
+    """The sst2 recipe's QuantizationModifier, epochs scaled down (there: start 8, freeze 12)."""
+    recipe = load_recipe(SST2, "qat_start_epoch=1,observer_epoch=2")
+    (modifier,) = [m for m in recipe.modifiers if isinstance(m, QuantizationModifier)]
+    for key, value in overrides.items():
+        setattr(modifier, key, value)
+    modifier.validate()
+    return modifier
 
 
 def fake_quant_ref(x, scale, zero_point, qmin, qmax):
@@ -45,6 +50,11 @@ def batch(seed, shape=(4, 16, 32), shift=0.0):
 
 
 # -- fake-quant arithmetic -------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
 def test_weight_fake_quant_is_symmetric_per_channel_int8():
     w = torch.randn(6, 10)
     w[2] *= 10
@@ -79,6 +89,36 @@ def test_activation_fake_quant_is_asymmetric_per_tensor_uint8():
     assert small.scale.item() == pytest.approx((hi - lo) / 127, rel=1e-6)
     small.enabled = True
     assert torch.round(small(x) / small.scale + small.zero_point).max() <= 127
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_cpu_fake_quantize_is_bitwise_torchs_op_with_the_same_gradient(axis):
+    """The CPU fast path must be the op that ONNX export and GPUs use, to the bit."""
+    x = (torch.randn(64, 48) * 3).requires_grad_()
+    if axis is None:
+        scale, zero_point, qmin, qmax = torch.tensor(0.013), torch.tensor(101, dtype=torch.int32), 0, 255
+        reference = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    else:  # scales small enough that some values clip, so the gradient mask matters
+        scale, zero_point, qmin, qmax = torch.rand(64) * 0.02 + 1e-3, torch.zeros(64, dtype=torch.int32), -128, 127
+        reference = torch.fake_quantize_per_channel_affine(x, scale, zero_point, 0, qmin, qmax)
+    grad = torch.randn(64, 48)
+    (expected,) = torch.autograd.grad(reference, x, grad)
+    out = fake_quantize(x, scale, zero_point, qmin, qmax, axis)
+    (got,) = torch.autograd.grad(out, x, grad)
+    assert torch.equal(out, reference) and torch.equal(got, expected)
+    assert 0 < (got == 0).sum() < got.numel()
+
+
+def test_embedding_quantizes_looked_up_rows_as_the_whole_table():
+    embedding = to_quant_(nn.Embedding(50, 8))
+    embedding.weight_quant.enabled = embedding.weight_quant.observe = True
+    ids = torch.randint(0, 50, (3, 7))
+    fast = embedding(ids)
+    (fast_grad,) = torch.autograd.grad(fast.square().sum(), embedding.weight)
+    table = embedding.weight_quant(embedding.weight)
+    slow = nn.functional.embedding(ids, table)
+    (slow_grad,) = torch.autograd.grad(slow.square().sum(), embedding.weight)
+    assert torch.equal(fast, slow) and torch.equal(fast_grad, slow_grad)
 
 
 def test_disabled_modules_compute_exactly_like_plain_layers():
@@ -181,8 +221,7 @@ def run_steps(model, modifiers, state, n, seed=0):
 
 
 def init(model, steps_per_epoch=2, **kwargs):
-    modifier = QuantizationModifier(**{**SST2_BLOCK, **kwargs})
-    modifier.validate()
+    modifier = sst2_block(**kwargs)
     state = State(model=model, steps_per_epoch=steps_per_epoch)
     fire([modifier], Event.INIT, state)
     fire([modifier], Event.FIT_START, state)
@@ -293,7 +332,7 @@ def test_recipe_errors_name_the_key():
 
 
 def test_timeline_names_the_qat_steps():
-    modifier = QuantizationModifier(**SST2_BLOCK, num_calibration_steps=3)
+    modifier = sst2_block(num_calibration_steps=3)
     assert modifier.timeline(steps_per_epoch=10) == [
         (10, "QuantizationModifier: QAT starts: int8 weights fake-quantized, activation observers on "
              "(min/max all-reduced every step)"),

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, SHARED
 
 from distsparse.errors import RecipeError
@@ -106,6 +107,8 @@ def test_recipe_card_gives_the_file_recipe_and_card_lines(tmp_path):
 
 def test_yaml_string_source_and_missing_file(tmp_path):
     assert load_recipe(SST2.read_text()).source == "<string>"
+    framework_tag = load_recipe("modifiers:\n  - !pytorch.EpochRangeModifier\n    end_epoch: 3\n")
+    assert names(framework_tag) == ["EpochRangeModifier"] and framework_tag.num_epochs == 3.0
     with pytest.raises(RecipeError, match="cannot read the recipe"):
         load_recipe(str(tmp_path / "missing.yaml"))
 
@@ -264,3 +267,42 @@ def test_to_yaml_round_trip(path):
     assert again.modifiers == recipe.modifiers and again.num_epochs == recipe.num_epochs
     assert again.metadata == {"world_size": 2, "args": {"seed": 42, "recipe_args": "eval(x)"}}
     assert load_recipe(again.to_yaml()).metadata == again.metadata  # kept when saved again
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: !EpochRangeModifier {end_epoch: 1}\nmodifiers: []\n", r"^<string>:1: a: modifiers belong in a list"),
+    ("modifiers: !EpochRangeModifier {end_epoch: 1}\n", r"^<string>:1: modifiers: must be a list"),
+    ("s:\n  t:\n    x_modifiers: []\n  y_modifiers: []\n", r"^<string>:2: t: stages cannot hold stages"),
+    ("recipes/typo.yml", r"cannot read the recipe"),
+    ("not_a_recipe", r"^'not_a_recipe': no such recipe file"),
+    ("{" + ", ".join(f"v{i}: {i}" for i in range(100)) + ", modifiers: []}", None),
+])
+def test_structure_errors(text, message):
+    if message is None:
+        assert load_recipe(text).variables["v99"] == 99  # a long one-line YAML string is no file name
+    else:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(text)
+
+
+def test_list_keys_take_one_name_and_none_stays_none():
+    recipe = load_recipe("modifiers:\n  - !DistillationModifier\n    distill_output_keys: start_logits\n"
+                         "    teacher_input_keys: null\n")
+    assert recipe.modifiers[0].distill_output_keys == ["start_logits"]
+    assert recipe.modifiers[0].teacher_input_keys is None
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_our_recipes_select_what_their_headers_say(path, tiny_model):
+    from distsparse.params import select_params
+
+    text = path.read_text()
+    assert text.startswith("# ") and "Variables" in text  # each says what it is for and its knobs
+    recipe = load_recipe(path)
+    linears = {f"{m}.weight" for m, module in tiny_model.named_modules()
+               if m.startswith("bert.encoder") and isinstance(module, torch.nn.Linear)}
+    for m in recipe.modifiers:
+        if type(m).__name__ == "GMPruningModifier":
+            assert set(select_params(tiny_model, m.params, m.where)) == linears
+        if type(m).__name__ == "QuantizationModifier":
+            assert all(tiny_model.get_submodule(name) is not None for name in m.submodules)

@@ -39,7 +39,7 @@ class DistillationModifier(Modifier):
 
     hardness: float = 0.5
     temperature: float = 2.0
-    distill_output_keys: list = field(default_factory=lambda: ["logits"])
+    distill_output_keys: list | None = field(default_factory=lambda: ["logits"])
     teacher_input_keys: list | None = None
     update_frequency: float = -1.0  # SparseML key, unused
 
@@ -90,5 +90,5 @@ class DistillationModifier(Modifier):
             self.distill_output_keys = [self.distill_output_keys]
         if not self.distill_output_keys:  # SparseML: "all outputs", which for HF models includes the loss
             self.distill_output_keys = ["logits"]
-        if self.teacher_input_keys is not None and not isinstance(self.teacher_input_keys, list):
-            self.fail("teacher_input_keys", f"{self.teacher_input_keys!r} is not a list of batch keys")
+        if isinstance(self.teacher_input_keys, str):
+            self.teacher_input_keys = [self.teacher_input_keys]

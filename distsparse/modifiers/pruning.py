@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from ..distributed import broadcast_
+from ..distributed import broadcast_, full_parameters, mask_parameter_
 from ..errors import RecipeError
 from ..events import Event, State
 from ..params import select_params
@@ -61,7 +61,7 @@ def parse_mask_type(mask_type) -> tuple:
 
 
 def _group_size(pattern: tuple) -> int:
-    return {"unstructured": 1, "block": pattern[-1], "nm": pattern[-1]}[pattern[0]]
+    return 1 if pattern[0] == "unstructured" else pattern[-1]
 
 
 def _unit_scores(weight: torch.Tensor, keep: torch.Tensor, pattern: tuple) -> torch.Tensor:
@@ -106,14 +106,17 @@ def magnitude_masks(weights: list[torch.Tensor], keeps: list[torch.Tensor], spar
 def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor], grads: bool = False) -> None:
     """Zero what ``masks`` prune, in the weights or (``grads``) in their gradients.
 
-    The only place that writes masked weights, so that sharded or master copies (DeepSpeed) are
-    handled here once for every pruning modifier.
+    The only place that writes masked weights; ``distributed.mask_parameter_`` reaches every copy
+    (ZeRO-3 partitions, DeepSpeed's fp32 master weights). DeepSpeed steps inside backward and keeps
+    gradients to itself (``param.grad`` is None), so there only the weights are masked, after the
+    step, before the next forward.
     """
     params = dict(model.named_parameters())
     for name, keep in masks.items():
-        target = params[name].grad if grads else params[name]
-        if target is not None:
-            target.masked_fill_(~keep, 0.0)
+        if not grads:
+            mask_parameter_(params[name], keep)
+        elif params[name].grad is not None:
+            params[name].grad.masked_fill_(~keep, 0.0)
 
 
 def _log_sparsity(state: State, names: list[str]) -> None:
@@ -169,7 +172,8 @@ class _MaskingModifier(Modifier):
             params = dict(state.model.named_parameters())
             self.masks = {n: m.to(params[n].device) for n, m in self.masks.items()}
         elif event == Event.BATCH_START:
-            self.update_masks(state)
+            with full_parameters(state.model, self.names):  # ZeRO-3: whole weights to score
+                self.update_masks(state)
         else:
             apply_masks(state.model, self.masks, grads=event == Event.AFTER_BACKWARD)
 

@@ -75,7 +75,8 @@ class QuantizationModifier(Modifier):
 
     def apply(self, event: Event, state: State) -> None:
         if event == Event.INIT:
-            self.build(state.model, state.steps_per_epoch)
+            self.check_schedule(state.steps_per_epoch)
+            self.build(state.model)
         if event == Event.OPTIMIZER_STEP_END:
             weights, observe, _ = self._phase(state.step, state.steps_per_epoch)
             if observe:
@@ -87,13 +88,15 @@ class QuantizationModifier(Modifier):
         else:
             self._set_phase(state.step, state.steps_per_epoch)
 
-    def build(self, model: nn.Module, steps_per_epoch: int) -> None:
-        """Swap in the fake-quant modules (all off) and keep DDP's hands off their buffers."""
+    def check_schedule(self, steps_per_epoch: int) -> None:
         freeze = self.freeze_step(steps_per_epoch)
         if freeze is not None and freeze <= self.start_step(steps_per_epoch):
             self.fail("disable_quantization_observer_epoch",
                       f"observers would freeze at step {freeze}, before QAT (step "
                       f"{self.start_step(steps_per_epoch)}) observed a batch")
+
+    def build(self, model: nn.Module) -> None:
+        """Swap in the fake-quant modules (all off) and keep DDP's hands off their buffers."""
         excluded = set(self.exclude_module_types or ())
         swapped = {}
         for root_name in self.submodules or [""]:

