@@ -94,12 +94,17 @@ def _git_commit() -> str | None:
         return None
 
 
+TINY_NOTE = "(--tiny: a check that the script runs; these numbers measure nothing)"
+
+
 def save(result: dict, out: str, table: str) -> None:
     """Write the JSON result (with the machine it ran on) and print the markdown table."""
     result = {**result, "machine": machine(), "command": " ".join([".venv/bin/python", *map(_rel, sys.argv)])}
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+    if result.get("settings", {}).get("tiny"):
+        table = TINY_NOTE + "\n\n" + table
     print(table)
     print(f"\nwritten {path}")
 

@@ -25,9 +25,7 @@ import torch
 import torch.distributed as dist
 
 SYNC = True
-# Test hook, documented in tests/test_distributed.py: a folder where every rank writes the tensors
-# it digests (rank{N}.safetensors) at each consistency check, so a test can compare real values.
-DUMP_ENV = "DISTSPARSE_DUMP_RANK_STATE"
+DUMP_ENV = "DISTSPARSE_DUMP_RANK_STATE"  # test hook, see _dump
 
 
 def world_size() -> int:
@@ -40,6 +38,15 @@ def rank() -> int:
 
 def _active() -> bool:
     return SYNC and world_size() > 1
+
+
+def _device() -> torch.device:
+    """Where this rank's small control tensors must live for the backend (NCCL: its GPU)."""
+    if dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    from accelerate import PartialState
+
+    return PartialState().device
 
 
 # -- collectives ------------------------------------------------------------------------------------
@@ -75,7 +82,7 @@ def any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any (a preemption signal may reach only one process)."""
     if world_size() == 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -136,12 +143,13 @@ def mask_parameter_(param: torch.nn.Parameter, keep: torch.Tensor) -> None:
 
 
 def zero_stage(accelerator) -> int | None:
-    """DeepSpeed's ZeRO stage of the student, None without DeepSpeed."""
+    """The ZeRO stage of the active DeepSpeed plugin (the student's outside ``prepare_teacher``);
+    None without DeepSpeed."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return None
-    return int(accelerator.state.get_deepspeed_plugin("student").zero_stage)
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
 # -- accelerator and teacher ----------------------------------------------------------------------------
@@ -234,7 +242,8 @@ def _flatten(prefix: str, value, out: list) -> None:
 
 def consistency_tensors(model, modifiers, include_weights: bool, teacher=None) -> list[tuple[str, torch.Tensor]]:
     """Every tensor that must be bitwise equal on all ranks: modifier state (masks, observer
-    statistics), scales/zero-points, and with ``include_weights`` the student's and teacher's weights."""
+    statistics), scales/zero-points, and with ``include_weights`` the student's and the (frozen)
+    teacher's weights."""
     from .fake_quant import qparams
 
     tensors: list = []
@@ -256,23 +265,26 @@ def check_rank_consistency(model, modifiers, accelerator, teacher=None) -> int:
     each rank holds a different partition, so only masks and quantization state are compared.
     Collective: call on every rank. Returns the number of tensors compared.
     """
-    include_weights = zero_stage(accelerator) != 3
-    tensors = consistency_tensors(accelerator.unwrap_model(model), modifiers, include_weights,
-                                  teacher if teacher is None or zero_stage(accelerator) != 3 else None)
+    replicated = zero_stage(accelerator) != 3
+    tensors = consistency_tensors(accelerator.unwrap_model(model), modifiers, replicated, teacher)
     _dump(tensors, teacher)
-    mine = torch.tensor([_digest(t) for _, t in tensors], dtype=torch.int64)
-    if world_size() > 1:
-        everyone = [torch.empty_like(mine) for _ in range(world_size())]
-        dist.all_gather(everyone, mine)
-        for r, theirs in enumerate(everyone):
-            differs = (theirs != everyone[0]).nonzero()
-            if len(differs):
-                name = tensors[int(differs[0])][0]
-                raise RankMismatch(f"rank consistency: FAILED: {name} differs between rank 0 and rank {r}")
+    if world_size() == 1:
+        return len(tensors)
+    mine = torch.tensor([_digest(t) for _, t in tensors], dtype=torch.int64, device=_device())
+    everyone = [torch.empty_like(mine) for _ in range(world_size())]
+    dist.all_gather(everyone, mine)
+    for r, theirs in enumerate(everyone):
+        differs = (theirs != everyone[0]).nonzero()
+        if len(differs):
+            name = tensors[int(differs[0])][0]
+            raise RankMismatch(f"rank consistency: FAILED: {name} differs between rank 0 and rank {r}")
     return len(tensors)
 
 
 def _dump(tensors: list[tuple[str, torch.Tensor]], teacher) -> None:
+    """Test hook: with ``DISTSPARSE_DUMP_RANK_STATE=DIR`` every rank writes what it just digested to
+    ``DIR/rank{N}.safetensors`` (overwritten at each check), plus how many of the teacher's
+    elements it holds and whether the teacher is in training mode, so tests compare real values."""
     folder = os.environ.get(DUMP_ENV)
     if not folder:
         return
@@ -282,7 +294,7 @@ def _dump(tensors: list[tuple[str, torch.Tensor]], teacher) -> None:
     if teacher is not None:
         params = list(teacher.parameters())
         out["teacher_numel"] = torch.tensor(sum(getattr(p, "ds_numel", p.numel()) for p in params))
-        out["teacher_local_numel"] = torch.tensor(sum(
-            p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params))
+        out["teacher_local_numel"] = torch.tensor(sum(getattr(p, "ds_tensor", p).numel() for p in params))
+        out["teacher_training"] = torch.tensor(any(m.training for m in teacher.modules()))
     Path(folder).mkdir(parents=True, exist_ok=True)
     save_file(out, str(Path(folder) / f"rank{rank()}.safetensors"))

@@ -224,9 +224,12 @@ def store_int8_weights(model: onnx.ModelProto) -> int:
             continue
         levels = quantize_levels(numpy_helper.to_array(weight), scale, zero_point, _attr(q, "axis", 1))
         name = f"{q.input[0]}_quantized"
-        g.graph.initializer.append(numpy_helper.from_array(levels, name))
+        # scale and zero point as initializers of their own dtype: an int32 Constant cast to int8
+        # would cost 4 bytes per channel, as much as a 4-wide row of weights
+        for tensor, suffix in ((levels, ""), (scale, "_scale"), (zero_point, "_zero_point")):
+            g.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(tensor), name + suffix))
         for dq in users:
-            dq.input[0] = name
+            dq.input[:3] = [name, f"{name}_scale", f"{name}_zero_point"]
         done.append(q)
     for q in done:
         g.graph.node.remove(q)
@@ -241,7 +244,7 @@ def quantize_levels(weight: np.ndarray, scale: np.ndarray, zero_point: np.ndarra
         shape[axis] = -1
     s, z = torch.tensor(scale).reshape(shape), torch.tensor(zero_point.astype(np.int32)).reshape(shape)
     info = np.iinfo(zero_point.dtype)
-    q = torch.round(torch.from_numpy(weight) * torch.reciprocal(s)) + z
+    q = torch.round(torch.tensor(weight) * torch.reciprocal(s)) + z
     return q.clamp(info.min, info.max).numpy().astype(zero_point.dtype)
 
 

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             with accelerator.accumulate(model):
                 if new_step:
                     fire(recipe.modifiers, Event.BATCH_START, state)
-                    new_step = False
+                    step_lr, new_step = optimizer.param_groups[0]["lr"], False
                 state.batch = batch
                 state.outputs = model(**batch)
                 state.loss = state.outputs.loss
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
             if state.step % args.logging_steps == 0 or state.step == total_steps:
                 logs = {"train/loss": accelerator.reduce(loss_sum / loss_count, "mean").item(),
-                        "train/lr": optimizer.param_groups[0]["lr"], "train/epoch": state.epoch,
+                        "train/lr": step_lr, "train/epoch": state.epoch,
                         "train/samples_per_second": loss_count * args.per_device_train_batch_size
                         * accelerator.num_processes / (time.time() - t0)}
                 logs.update({f"train/{k}_loss": float(v) for k, v in state.loss_parts.items()})

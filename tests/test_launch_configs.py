@@ -27,14 +27,30 @@ EXPECTED = {
 }
 
 # Initialises Accelerate like the training job does and all-reduces (rank + 1): 1 + 2 = 3 on 2 ranks.
+# Under DeepSpeed it also builds what distsparse.train builds for deepspeed_zero3.yaml: one plugin per
+# model from the config file, the student prepared first, then the teacher, and reports the share of
+# the teacher's weights this rank holds (ZeRO-3 on 2 ranks: half).
 ALL_REDUCE = """
-import os, torch
+import json, os, torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import DeepSpeedPlugin
+plugins = None
 if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
     PartialState(backend="gloo")  # DeepSpeed on a GPU-less machine sees no backend otherwise
-acc = Accelerator()
+    config = json.loads(open(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).read())
+    plugins = {"student": DeepSpeedPlugin(hf_ds_config=config),
+               "teacher": DeepSpeedPlugin(hf_ds_config=dict(config, train_micro_batch_size_per_gpu=4))}
+acc = Accelerator(deepspeed_plugins=plugins)
 total = acc.reduce(torch.tensor([acc.process_index + 1.0]), reduction="sum")
 print(f"rank {acc.process_index}/{acc.num_processes} {acc.distributed_type.value} sum={total.item():.0f}", flush=True)
+if plugins:
+    student = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 2))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 8)), batch_size=4)
+    acc.prepare(student, torch.optim.AdamW(student.parameters()), data)
+    acc.state.select_deepspeed_plugin("teacher")
+    teacher = acc.prepare(torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Linear(32, 2)))
+    held = sum(p.ds_tensor.numel() for p in teacher.parameters()) / sum(p.ds_numel for p in teacher.parameters())
+    print(f"rank {acc.process_index} holds {held:.2f} of the teacher", flush=True)
 acc.end_training()  # destroys the process group: exiting with gloo threads alive can abort (SIGABRT)
 """
 
@@ -135,6 +151,7 @@ def test_cpu_config_launches_two_processes_that_all_reduce(tmp_path, name, env):
     kind = "DEEPSPEED" if "deepspeed" in name else "MULTI_CPU"
     for rank in (0, 1):
         assert f"rank {rank}/2 {kind} sum=3" in out, out[-3000:]
+        assert (f"rank {rank} holds 0.50 of the teacher" in out) == (kind == "DEEPSPEED"), out[-3000:]
 
 
 def test_cpu_2proc_trains_and_resumes_a_one_process_checkpoint(tmp_path, tiny_model_dir, capsys):
