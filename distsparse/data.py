@@ -48,7 +48,7 @@ class TaskData:
 
 
 def read_file(path: str | Path) -> datasets.Dataset:
-    """csv, tsv (GLUE style: quoting off), json/jsonl or CoNLL (txt/conll) into a Dataset; clear errors for bad files."""
+    """csv, tsv (GLUE style: quoting off), json/jsonl or CoNLL (txt, conll) into a Dataset; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -159,7 +159,8 @@ def check_known(ds, values: Callable, label_to_id: dict, where: str, column: str
         return
     unknown = sorted(set(chain.from_iterable(values(v) for v in ds[column])) - set(label_to_id), key=str)
     if unknown:
-        raise DataError(f"{where}: unknown label {unknown[0]!r} in column {column!r} (train labels: {list(label_to_id)})")
+        raise DataError(f"{where}: unknown label {unknown[0]!r} in column {column!r} "
+                        f"(train labels: {list(label_to_id)})")
 
 
 def limit(ds, n):
@@ -231,7 +232,7 @@ def multi_label_classification(args, tokenizer) -> TaskData:
     label_list = names or sorted(set(chain.from_iterable(labels_of(v) for v in train[label_col])), key=label_order)
     if not label_list:
         raise DataError(f"{train_name}: column {label_col!r} holds no labels")
-    label_to_id = {label: i for i, label in enumerate(range(len(names)) if names else label_list)}
+    label_to_id = {i: i for i in range(len(names))} if names else {label: i for i, label in enumerate(label_list)}
     check_known(evaluation, labels_of, label_to_id, eval_name, label_col)
 
     def encode(batch):
@@ -254,7 +255,8 @@ def multi_label_classification(args, tokenizer) -> TaskData:
 def token_classification(args, tokenizer) -> TaskData:
     """One IOB2 tag per word (NER), learned on the word's first sub-token; the others get -100, as in HF's run_ner."""
     if not tokenizer.is_fast:
-        raise DataError(f"--task token-classification needs a fast tokenizer (word_ids); {type(tokenizer).__name__} is not")
+        raise DataError(f"--task token-classification needs a fast tokenizer (for word_ids): "
+                        f"{type(tokenizer).__name__} is not one")
     train, evaluation, train_name, eval_name = load_splits(args, bundled=False)
     word_col = (args.input_column_names or "tokens").strip()
     tag_col = args.label_column_name or "ner_tags"
@@ -281,14 +283,16 @@ def token_classification(args, tokenizer) -> TaskData:
             for i, tags in enumerate(batch[tag_col]):
                 ids = tags if names else [label_to_id[t] for t in tags]
                 words = enc.word_ids(i)
-                enc["labels"].append([-100 if w is None or w == prev else ids[w] for prev, w in zip([None, *words], words)])
+                enc["labels"].append([-100 if w is None or w == prev else ids[w]
+                                      for prev, w in zip([None, *words], words)])
             return enc
         return encode
 
     # Eval rows are padded to --max_seq_length here so that every eval batch has the same length and the
     # loop can gather and concatenate [B, L, C] logits across batches and ranks; train batches pad dynamically.
     return TaskData(
-        train=tokenize(train, encoder(pad=False)), eval=tokenize(evaluation, encoder(pad=True)), label_list=label_list,
+        train=tokenize(train, encoder(pad=False)), eval=tokenize(evaluation, encoder(pad=True)),
+        label_list=label_list,
         collator=DataCollatorForTokenClassification(tokenizer), compute_metrics=token_classification_metrics(label_list),
         model_class=AutoModelForTokenClassification,
     )

@@ -295,6 +295,7 @@ def _dump(tensors: list[tuple[str, torch.Tensor]], teacher) -> None:
         params = list(teacher.parameters())
         out["teacher_numel"] = torch.tensor(sum(getattr(p, "ds_numel", p.numel()) for p in params))
         out["teacher_local_numel"] = torch.tensor(sum(getattr(p, "ds_tensor", p).numel() for p in params))
-        out["teacher_training"] = torch.tensor(any(m.training for m in teacher.modules()))
+        module = getattr(teacher, "module", teacher)  # a DeepSpeed engine's own flag is never used
+        out["teacher_training"] = torch.tensor(any(m.training for m in module.modules()))
     Path(folder).mkdir(parents=True, exist_ok=True)
     save_file(out, str(Path(folder) / f"rank{rank()}.safetensors"))
