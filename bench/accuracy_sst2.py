@@ -222,7 +222,7 @@ def main() -> None:
     step_s = plain_step_seconds(args)
     total_steps = sum(steps(args, n) for n in names)
     estimate = total_steps * step_s
-    print(f"estimated wall time: at least {estimate / 60:.0f} min ({total_steps} steps x {step_s:.2f} s, the plain "
+    print(f"estimated wall time: at least {estimate / 60:.1f} min ({total_steps} steps x {step_s:.2f} s, the plain "
           f"step measured now on SST-2 batches; modifiers, the teacher and evaluation add to it)", flush=True)
     runs = {name: run(args, name, work) for name in [n for n in RUNS if n in names]}
     result = summarise(args, runs, step_s, estimate)

@@ -292,9 +292,8 @@ def token_classification(args, tokenizer) -> TaskData:
     # loop can gather and concatenate [B, L, C] logits across batches and ranks; train batches pad dynamically.
     return TaskData(
         train=tokenize(train, encoder(pad=False)), eval=tokenize(evaluation, encoder(pad=True)),
-        label_list=label_list,
-        collator=DataCollatorForTokenClassification(tokenizer), compute_metrics=token_classification_metrics(label_list),
-        model_class=AutoModelForTokenClassification,
+        label_list=label_list, collator=DataCollatorForTokenClassification(tokenizer),
+        compute_metrics=token_classification_metrics(label_list), model_class=AutoModelForTokenClassification,
     )
 
 

@@ -160,7 +160,9 @@ def export_onnx(model: nn.Module, samples: dict[str, torch.Tensor], path: Path, 
     axes["logits"] = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer chatter about HF's shape checks, and the legacy-exporter notice
-        torch.onnx.export(_Logits(model, names), tuple(samples.values()), str(path), input_names=names,
+        # an eval-mode wrapper: export restores the wrapper's mode, and a train-mode one would
+        # switch the model's dropout back on
+        torch.onnx.export(_Logits(model, names).eval(), tuple(samples.values()), str(path), input_names=names,
                           output_names=["logits"], dynamic_axes=axes, opset_version=opset, dynamo=False,
                           do_constant_folding=False)
     graph = onnx.load(str(path))
@@ -265,8 +267,8 @@ def _drop_unused(model: onnx.ModelProto) -> None:
 # -- verification ----------------------------------------------------------------------------------
 def verify(path: Path, model: nn.Module, samples: dict[str, torch.Tensor], atol: float) -> dict:
     """Check the file against the PyTorch model it came from; raise ExportCheckError on any doubt."""
-    proto = onnx.load(str(path))
-    g = _Graph(proto)
+    model.eval()
+    g = _Graph(onnx.load(str(path)))
     report = {"sparsity": check_weights(g, model), "quantized_layers": check_qdq(g, model)}
     report.update(check_outputs(path, model, samples, atol))
     return report

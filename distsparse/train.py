@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     model = task.model_class.from_pretrained(
         model_path, num_labels=task.num_labels, id2label=labels,
         label2id={v: k for k, v in labels.items()}, problem_type=task.problem_type,
+        ignore_mismatched_sizes=True,  # a new task head replaces the pretrained one, as in HF's run_glue.py
     )
     teacher = load_teacher(args, model, task)
 

@@ -37,7 +37,7 @@ quantization_modifiers:
 def train_by_hand(out, recipe_text: str | None, steps: int = 4):
     """A 'trained' folder as distsparse train writes it: a 50%-sparse tiny BERT after a few
     optimizer steps under the recipe (QAT observers calibrated), plus recipe.yaml and scales."""
-    model = tiny_bert(sparsity=0.5)
+    model = tiny_bert(sparsity=0.5, dropout=0.1)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     modifiers = load_recipe(recipe_text).modifiers if recipe_text else []
     state = State(model=model, steps_per_epoch=2)

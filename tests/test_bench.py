@@ -1,0 +1,127 @@
+"""The benchmark scripts run end to end in --tiny mode and write what BENCHMARKS.md is built from.
+
+Tiny runs measure nothing; these tests check that each command works, that its result holds the
+figures the tables need with values that follow from the setup (observer and mask counts,
+sparsity, steps, ratios), and that bench/report.py puts measured results, and only those, into
+BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+BENCH = ROOT / "bench"
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+
+
+def bench(script: str, *args: str, tiny: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(BENCH / script), *(["--tiny", "--threads", "1"] if tiny else []), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def step_overhead(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results") / "step_overhead.json"
+    proc = bench("step_overhead.py", "--out", str(out))
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_step_overhead(step_overhead):
+    result, printed = step_overhead
+    v = result["variants"]
+    assert list(v) == ["plain", "constant", "gmp_update", "qat", "distill"]
+    assert all(r["median_ms"] > 0 for r in v.values())
+    assert v["plain"]["ratio"] == 1.0
+    assert (v["constant"]["target"], v["qat"]["target"], v["gmp_update"]["target"]) == (1.03, 1.15, None)
+    share = result["teacher_forward"]["share_of_plain"]
+    assert 0 < share and v["distill"]["target"] == pytest.approx(1 + share, abs=1e-4)
+    assert v["qat"]["met"] == (v["qat"]["ratio"] <= 1.15)
+    g = result["gmp_amortised"]  # constant + (update - constant) / 12
+    assert g["update_interval_steps"] == 12
+    assert g["median_ms"] == pytest.approx(v["constant"]["median_ms"] + (v["gmp_update"]["median_ms"]
+                                                                         - v["constant"]["median_ms"]) / 12, abs=0.02)
+    assert result["settings"]["tiny"] and result["settings"]["torch_threads"] == 1
+    assert {"cpu", "cores", "torch", "accelerate", "transformers", "onnxruntime"} <= set(result["machine"])
+    assert "| qat |" in printed and "| teacher_forward |" in printed and "--tiny" in printed
+
+
+def test_step_overhead_profile(tmp_path):
+    out = tmp_path / "profile.json"
+    proc = bench("step_overhead.py", "--profile", "qat", "--profile_steps", "1", "--out", str(out))
+    profile = json.loads(out.read_text())["profile"]
+    assert profile.startswith("## qat: 1 steps") and "Self CPU" in profile and "aten::" in profile
+    assert "aten::" in proc.stdout
+
+
+def test_rank_sync(tmp_path):
+    out = tmp_path / "rank_sync.json"
+    proc = bench("rank_sync.py", "--out", str(out))
+    result = json.loads(out.read_text())
+    # tiny BERT, 2 layers: 14 Linear inputs + 3 embedding outputs observed; 6 encoder linears per layer
+    assert (result["observers"], result["masks"]) == (17, 12)
+    assert result["mask_elements"] == 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    assert result["settings"]["world_size"] == 2 and result["step_ms"] > 0
+    syncs = result["syncs"]
+    assert set(syncs) == {"observer_all_reduce", "update_observers", "mask_broadcast"}
+    for r in syncs.values():
+        assert r["median_ms"] > 0
+        assert r["share_of_step"] == pytest.approx(r["median_ms"] / result["step_ms"], rel=0.01, abs=1e-5)
+        assert r["met"] == (r["share_per_step"] < 0.02)
+    assert syncs["mask_broadcast"]["every_steps"] == 12
+    assert "| mask_broadcast |" in proc.stdout
+
+
+def test_accuracy_then_deploy(tmp_path):
+    """Benchmark 3's sparse QAT model is benchmark 4's input, as in the real sequence."""
+    out, work = tmp_path / "accuracy.json", tmp_path / "sst2"
+    proc = bench("accuracy_sst2.py", "--runs", "dense,gmp80_qat_kd", "--work_dir", str(work), "--out", str(out))
+    assert proc.stdout.startswith("estimated wall time")
+    result = json.loads(out.read_text())
+    dense, sparse = result["runs"]["dense"], result["runs"]["gmp80_qat_kd"]
+    assert list(result["runs"]) == ["dense", "gmp80_qat_kd"]
+    # 64 rows at batch 16: 4 steps per epoch; dense 1 epoch, sparse 2
+    assert (dense["steps"], sparse["steps"]) == (4, 8)
+    assert (dense["encoder_sparsity"], sparse["encoder_sparsity"]) == (0.0, 0.8)
+    assert (dense["int8_qat"], sparse["int8_qat"]) == (False, True)
+    assert (dense["teacher"], sparse["teacher"]) == (None, "dense")
+    assert f"--teacher {work / 'dense'}" in sparse["command"] and "--teacher disable" in dense["command"]
+    assert sparse["recovery"] == round(sparse["accuracy"] / dense["accuracy"], 4)
+    assert sparse["met"] == (sparse["recovery"] >= 0.98) and dense["met"] is None
+    assert result["settings"]["dev_rows"] == 64
+
+    out = tmp_path / "deploy.json"
+    proc = bench("deploy_speed.py", "--model_path", str(work / "gmp80_qat_kd"), "--out", str(out))
+    result = json.loads(out.read_text())
+    rows = {(r["batch"], r["seq"], r["engine"]): r for r in result["results"]}
+    assert set(rows) == {(b, 64, e) for b in (1, 32) for e in ("pytorch_fp32", "onnx_fp32", "onnx_int8")}
+    assert all(r["ms_per_batch"] > 0 for r in rows.values())
+    assert rows[(32, 64, "onnx_int8")]["ms_per_row"] == pytest.approx(rows[(32, 64, "onnx_int8")]["ms_per_batch"] / 32, abs=1e-3)
+    sizes = result["sizes_mib"]
+    assert sizes["onnx_int8"] < sizes["onnx_fp32"] / 2  # int8 weights
+    assert result["settings"]["encoder_sparsity"] == 0.8 and result["settings"]["threads"] == 1
+    assert len(result["targets"]) == 3
+    assert "| onnx_int8 |" in proc.stdout
+
+
+def test_report_uses_measured_results_only(step_overhead, tmp_path):
+    result, _ = step_overhead
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "rank_sync.json").write_text(json.dumps({"settings": {"tiny": True}}))  # a tiny one is left out
+    measured = {**result, "settings": {**result["settings"], "tiny": False}}
+    (results / "step_overhead.json").write_text(json.dumps(measured))
+    bench("report.py", "--results", str(results), "--out", str(tmp_path / "B.md"), tiny=False)
+    text = (tmp_path / "B.md").read_text()
+    assert text.count("_Not yet measured._") == 3
+    assert measured["command"] in text and "| constant |" in text
+    assert f"| cpu | {result['machine']['cpu']} |" in text and "| torch |" in text
+    for command in ("bench/rank_sync.py --out", "bench/accuracy_sst2.py --out", "bench/deploy_speed.py --model_path"):
+        assert command in text
