@@ -53,7 +53,7 @@ def _device() -> torch.device:
 def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
     """Overwrite ``tensors`` in place with rank ``src``'s values, one fused collective per dtype.
 
-    Bool masks travel as uint8 (gloo and NCCL have no bool), a quarter of float32's bytes.
+    Bool masks travel as uint8: one byte per weight, what every backend can broadcast.
     """
     if not _active() or not tensors:
         return
@@ -120,7 +120,8 @@ def mask_parameter_(param: torch.nn.Parameter, keep: torch.Tensor) -> None:
     - the parameter itself when it holds the whole tensor (DDP, ZeRO-1/2, ZeRO-3 persistent or
       gathered parameters);
     - ZeRO-3: the partition ``ds_tensor`` (gathered for each forward) and the fp32 master partition
-      (``deepspeed.utils.safe_get/set_local_fp32_param``);
+      (``deepspeed.utils.safe_get/set_local_fp32_param``); ZeRO++'s secondary partitions
+      (hpZ) are not handled;
     - ZeRO-1/2: the fp32 master fragment this rank owns (``param._hp_mapping``; DeepSpeed has no
       local setter, and ``safe_get_full_fp32_param`` would be one all-reduce per tensor).
     """
@@ -168,9 +169,12 @@ def make_accelerator(args):
 
     plugins = None
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        if not torch.cuda.is_available():
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() == "cpu":  # DS_ACCELERATOR=cpu, or no GPU found
             PartialState(backend="gloo")  # without it Accelerate finds no backend and runs one process
-        plugins = {"student": DeepSpeedPlugin(), "teacher": DeepSpeedPlugin()}
+        # --max_grad_norm fills the config's "auto" (DeepSpeed clips inside its step; 0 turns it off).
+        plugins = {key: DeepSpeedPlugin(gradient_clipping=args.max_grad_norm) for key in ("student", "teacher")}
         # The teacher is prepared without a dataloader, so its micro batch cannot stay "auto".
         plugins["teacher"].deepspeed_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
     return Accelerator(

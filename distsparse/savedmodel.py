@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .distributed import full_parameters
+
 QUANT_FILE = "quantization.safetensors"
 RECIPE_FILE = "recipe.yaml"
 
@@ -52,8 +54,6 @@ def sparsity_report(model: nn.Module) -> dict:
 
     Collective under ZeRO-3 (each weight is gathered in turn): call it on every rank.
     """
-    from .distributed import full_parameters
-
     zeros, total = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):

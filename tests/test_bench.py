@@ -83,13 +83,13 @@ def test_accuracy_then_deploy(tmp_path):
     """Benchmark 3's sparse QAT model is benchmark 4's input, as in the real sequence."""
     out, work = tmp_path / "accuracy.json", tmp_path / "sst2"
     proc = bench("accuracy_sst2.py", "--runs", "dense,gmp80_qat_kd", "--work_dir", str(work), "--out", str(out))
-    assert proc.stdout.startswith("estimated wall time")
+    assert proc.stdout.index("estimated wall time: at least") < proc.stdout.index("dense: 4 steps")
     result = json.loads(out.read_text())
     dense, sparse = result["runs"]["dense"], result["runs"]["gmp80_qat_kd"]
     assert list(result["runs"]) == ["dense", "gmp80_qat_kd"]
     # 64 rows at batch 16: 4 steps per epoch; dense 1 epoch, sparse 2
     assert (dense["steps"], sparse["steps"]) == (4, 8)
-    assert (dense["encoder_sparsity"], sparse["encoder_sparsity"]) == (0.0, 0.8)
+    assert dense["encoder_sparsity"] == 0.0 and sparse["encoder_sparsity"] == pytest.approx(0.8, abs=1e-3)
     assert (dense["int8_qat"], sparse["int8_qat"]) == (False, True)
     assert (dense["teacher"], sparse["teacher"]) == (None, "dense")
     assert f"--teacher {work / 'dense'}" in sparse["command"] and "--teacher disable" in dense["command"]
@@ -106,7 +106,7 @@ def test_accuracy_then_deploy(tmp_path):
     assert rows[(32, 64, "onnx_int8")]["ms_per_row"] == pytest.approx(rows[(32, 64, "onnx_int8")]["ms_per_batch"] / 32, abs=1e-3)
     sizes = result["sizes_mib"]
     assert sizes["onnx_int8"] < sizes["onnx_fp32"] / 2  # int8 weights
-    assert result["settings"]["encoder_sparsity"] == 0.8 and result["settings"]["threads"] == 1
+    assert result["settings"]["encoder_sparsity"] == pytest.approx(0.8, abs=1e-3) and result["settings"]["threads"] == 1
     assert len(result["targets"]) == 3
     assert "| onnx_int8 |" in proc.stdout
 
