@@ -26,7 +26,7 @@ SECTIONS = [  # (result name, title, module, default command, what it answers)
      "(torch.profiler's top operators, in bench/results/step_overhead_profile.json)."),
     ("rank_sync", "2. Rank-sync cost at 2 ranks", rank_sync,
      ".venv/bin/python bench/rank_sync.py --out bench/results/rank_sync.json",
-     "Target: each collective under 2% of a step."),
+     "Target: under 2% of the step time per step (the mask broadcast counted once per GMP mask update)."),
     ("accuracy_sst2", "3. Accuracy on the SST-2 dev set", accuracy_sst2,
      ".venv/bin/python bench/accuracy_sst2.py --out bench/results/accuracy_sst2.json",
      "Target: at least 98% recovery at 80% sparsity + int8."),

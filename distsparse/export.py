@@ -65,12 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     model, tokenizer, task = load_trained(args.model_path, args.task)
-    quantized = any(fq.enabled for _, fq in fake_quants(model))
+    quantized = [(name, fq) for name, fq in fake_quants(model) if fq.enabled]
     if quantized and args.opset < 13:
         raise UserError(f"--opset {args.opset}: per-channel int8 needs opset 13 or newer")
+    for name, fq in quantized:
+        if (fq.quant_min, fq.quant_max) not in ((-128, 127), (0, 255), (0, 127)):
+            raise UserError(f"{name}: range {fq.quant_min}..{fq.quant_max} has no ONNX QuantizeLinear; "
+                            "export needs weight_bits and activation_bits 8")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    samples = sample_inputs(tokenizer, model, args.sequence_length)
+    samples = sample_inputs(tokenizer, args.sequence_length)
     onnx_path = out / "model.onnx"
     export_onnx(model, samples, onnx_path, args.opset, per_token=task == "token-classification")
     atol = args.atol if args.atol is not None else (0.05 if quantized else 1e-4)
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(src / RECIPE_FILE, out / RECIPE_FILE)
     np.savez(out / "sample_inputs.npz", **{k: v.numpy() for k, v in samples.items()})
     np.savez(out / "sample_outputs.npz", logits=report.pop("reference"))
-    report.update(task=task, quantized=quantized, opset=args.opset, onnx_bytes=onnx_path.stat().st_size)
+    report.update(task=task, quantized=bool(quantized), opset=args.opset, onnx_bytes=onnx_path.stat().st_size)
     (out / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(summary(report, onnx_path))
     return 0
@@ -128,7 +132,7 @@ def load_trained(model_path, task: str | None = None):
     return model.eval(), tokenizer, task
 
 
-def sample_inputs(tokenizer, model, sequence_length: int) -> dict[str, torch.Tensor]:
+def sample_inputs(tokenizer, sequence_length: int) -> dict[str, torch.Tensor]:
     """Fixed sentences, padded to ``sequence_length`` so that masking is exercised too."""
     encoded = tokenizer(SAMPLE_TEXTS, padding="max_length", truncation=True, max_length=sequence_length,
                         return_tensors="pt")
@@ -199,7 +203,7 @@ class _Graph:
             return numpy_helper.to_array(node.attribute[0].t)
         if node.op_type == "Cast":
             value = self.constant(node.input[0])
-            to = onnx.helper.tensor_dtype_to_np_dtype(onnx.helper.get_attribute_value(node.attribute[0]))
+            to = onnx.helper.tensor_dtype_to_np_dtype(_attr(node, "to", None))
             return None if value is None else value.astype(to)
         return None
 
@@ -208,11 +212,11 @@ def _attr(node, name: str, default):
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def store_int8_weights(model: onnx.ModelProto) -> int:
+def store_int8_weights(model: onnx.ModelProto) -> None:
     """Replace QuantizeLinear(fp32 weight) -> DequantizeLinear by int8 weight -> DequantizeLinear.
 
     The levels are computed with the exact arithmetic of the PyTorch fake quantization, so the
-    deployed weights are bit for bit the trained ones. Returns how many weights were converted.
+    deployed weights are bit for bit the trained ones.
     """
     g = _Graph(model)
     done = []
@@ -239,7 +243,6 @@ def store_int8_weights(model: onnx.ModelProto) -> int:
     for dq in [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")]:
         _gather_rows_first(g, dq)
     _drop_unused(model)
-    return len(done)
 
 
 def _gather_rows_first(g: _Graph, dq) -> None:

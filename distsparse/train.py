@@ -177,9 +177,16 @@ def main(argv: list[str] | None = None) -> int:
             n = distributed.check_rank_consistency(model, recipe.modifiers, accelerator, state.teacher)
             accelerator.print(f"rank consistency: OK ({n} tensors)")
 
+    def evaluate_and_log() -> dict:
+        nonlocal metrics_step
+        result = {f"eval/{k}": v for k, v in evaluate(model, eval_dl, accelerator, task).items()}
+        log(accelerator, result, state.step)
+        metrics_step = state.step
+        return result
+
     fire(recipe.modifiers, Event.FIT_START, state)
     preemption = Preemption()
-    metrics: dict = {}
+    metrics, metrics_step = {}, None
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
     loss_sum, loss_count, t0 = torch.zeros((), device=accelerator.device), 0, time.time()
@@ -237,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_every = args.eval_steps or args.save_steps
             if eval_dl and ((args.eval_strategy == "epoch" and epoch_end)
                             or (args.eval_strategy == "steps" and state.step % eval_every == 0)):
-                metrics = {f"eval/{k}": v for k, v in evaluate(model, eval_dl, accelerator, task).items()}
-                log(accelerator, metrics, state.step)
+                metrics = evaluate_and_log()
             stop = distributed.any_rank(preemption.requested)
             if (args.save_strategy == "epoch" and epoch_end) or stop or (
                     args.save_strategy == "steps" and state.step % args.save_steps == 0):
@@ -254,15 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
 
     fire(recipe.modifiers, Event.FIT_END, state)
-    if args.check_rank_consistency in ("epoch", "end"):
+    if args.check_rank_consistency == "end":  # "epoch" already checked at the last step
         check_ranks()
-    if eval_dl:
-        metrics = {f"eval/{k}": v for k, v in evaluate(model, eval_dl, accelerator, task).items()}
-    save_model(accelerator, model, tokenizer, recipe, Path(args.output_dir), metadata=run_config)
+    if eval_dl and metrics_step != state.step:
+        metrics = evaluate_and_log()
+    write_model(Path(args.output_dir))
     sparsity = sparsity_report(state.model)  # every rank: collective under ZeRO-3
     if accelerator.is_main_process:
-        write_json(Path(args.output_dir) / "trainer_state.json", {"global_step": state.step, "epoch": state.epoch,
-                                                                    "steps_per_epoch": steps_per_epoch, "metrics": metrics})
         (Path(args.output_dir) / "PREEMPTED").unlink(missing_ok=True)
         summary(metrics, sparsity, bool(state.logs.get("qat/enabled")), args.output_dir)
     accelerator.end_training()

@@ -141,7 +141,7 @@ def test_dense_fp32_export_is_plain_and_exact(exported):
 def qat_model(exported):
     trained, deploy = exported["qat"]
     model, tokenizer, _ = load_trained(trained)
-    return model, sample_inputs(tokenizer, model, 24), deploy / "model.onnx"
+    return model, sample_inputs(tokenizer, 24), deploy / "model.onnx"
 
 
 def tampered(path, tmp_path, edit):
@@ -219,7 +219,7 @@ def test_fp32_weight_where_training_quantized_is_caught(qat_model, tmp_path):
 def test_output_parity_failure_is_caught(exported, tmp_path):
     trained, deploy = exported["fp32"]
     model, tokenizer, _ = load_trained(trained)
-    samples = sample_inputs(tokenizer, model, 24)
+    samples = sample_inputs(tokenizer, 24)
 
     def shift_bias(graph):
         init = next(t for t in graph.initializer if t.name == "model.classifier.bias")
@@ -246,3 +246,20 @@ def test_cli_exports_what_distsparse_train_wrote(tmp_path, tiny_model_dir, capsy
     (tmp_path / "broken" / "quantization.safetensors").unlink()
     assert cli(["export", "--model_path", str(tmp_path / "broken"), "--output_dir", str(tmp_path / "d2")]) == 2
     assert "quantization.safetensors: missing" in capsys.readouterr().err
+
+
+def test_token_classification_exports_per_token_logits(tmp_path):
+    from transformers import BertForTokenClassification
+
+    config = tiny_bert().config
+    config.num_labels = 5
+    torch.manual_seed(0)
+    BertForTokenClassification(config).save_pretrained(tmp_path / "ner")
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(tmp_path / "ner")
+    assert export(["--model_path", str(tmp_path / "ner"), "--output_dir", str(tmp_path / "deploy"),
+                   "--sequence_length", "16"]) == 0  # the task comes from config.json's architectures
+    assert json.loads((tmp_path / "deploy" / "export_report.json").read_text())["task"] == "token-classification"
+    session = ort.InferenceSession(str(tmp_path / "deploy" / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.array([[101, 7592, 2088, 999, 102]]), "attention_mask": np.ones((1, 5), dtype=np.int64),
+            "token_type_ids": np.zeros((1, 5), dtype=np.int64)}
+    assert session.run(None, feed)[0].shape == (1, 5, 5)

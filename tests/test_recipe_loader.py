@@ -305,4 +305,4 @@ def test_our_recipes_select_what_their_headers_say(path, tiny_model):
         if type(m).__name__ == "GMPruningModifier":
             assert set(select_params(tiny_model, m.params, m.where)) == linears
         if type(m).__name__ == "QuantizationModifier":
-            assert all(tiny_model.get_submodule(name) is not None for name in m.submodules)
+            assert all(tiny_model.get_submodule(name) is not None for name in m.submodules or [])
