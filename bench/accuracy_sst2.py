@@ -24,22 +24,8 @@ import torch
 import benchlib as bl
 from distsparse.data import DEFAULT_TRAIN, DEFAULT_VALIDATION
 
-DENSE_RECIPE = """# Dense fine-tuning (the teacher): epochs and a linearly decaying learning rate, nothing else.
-num_epochs: 3
-init_lr: 5.0e-5
-training_modifiers:
-  - !EpochRangeModifier
-    start_epoch: 0.0
-    end_epoch: eval(num_epochs)
-  - !LearningRateFunctionModifier
-    start_epoch: 0.0
-    end_epoch: eval(num_epochs)
-    lr_func: linear
-    init_lr: eval(init_lr)
-    final_lr: 0.0
-"""
 RUNS = {  # name: (recipe, distill from the dense run)
-    "dense": (None, False),
+    "dense": (bl.RECIPES / "dense.yaml", False),
     "gmp80_qat": (bl.RECIPES / "gmp80_qat.yaml", False),
     "gmp80_qat_kd": (bl.RECIPES / "gmp80_qat.yaml", True),
     "gmp90_qat": (bl.RECIPES / "gmp90_qat.yaml", False),
@@ -60,10 +46,7 @@ def sparse_recipe_args(epochs: float) -> str:
 
 def train_command(args, name: str, work: Path) -> list[str]:
     recipe, kd = RUNS[name]
-    if recipe is None:
-        recipe, recipe_args = work / "dense.yaml", f"num_epochs={args.dense_epochs:g}"
-    else:
-        recipe_args = sparse_recipe_args(args.epochs)
+    recipe_args = f"num_epochs={args.dense_epochs:g}" if name == "dense" else sparse_recipe_args(args.epochs)
     cmd = [sys.executable, "-m", "distsparse.cli", "train", "--model_name_or_path", args.model,
            "--recipe", str(recipe), "--recipe_args", recipe_args,
            "--train_file", str(args.train_file), "--validation_file", str(args.dev_file),
@@ -217,7 +200,6 @@ def main() -> None:
     args.train_file = args.train_file or (DEFAULT_TRAIN if args.tiny else bl.SST2 / "train.tsv")
     args.dev_file = args.dev_file or (DEFAULT_VALIDATION if args.tiny else bl.SST2 / "dev.tsv")
     bl.set_threads(args.threads)
-    (work / "dense.yaml").write_text(DENSE_RECIPE)
 
     step_s = plain_step_seconds(args)
     total_steps = sum(steps(args, n) for n in names)

@@ -67,3 +67,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def small_recipe(*blocks: str, num_epochs: float = 2.0, init_lr: float = 1e-3) -> str:
+    """recipes/dense.yaml's shape (epoch range, linear LR decay) with ``blocks`` of modifiers added.
+
+    Each block is YAML for more top-level ``*_modifiers`` keys, e.g. CONSTANT_PRUNING below.
+    """
+    text = (ROOT / "recipes" / "dense.yaml").read_text()
+    text = text.replace("num_epochs: 3\n", f"num_epochs: {num_epochs}\n").replace("init_lr: 5.0e-5\n", f"init_lr: {init_lr}\n")
+    return "\n".join([text, *blocks])
+
+
+CONSTANT_PRUNING = """
+pruning_modifiers:
+  - !ConstantPruningModifier
+    start_epoch: 0.0
+    params: __ALL_PRUNABLE__
+"""

@@ -15,7 +15,7 @@ import pytest
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.utils import DistributedType
 
-from conftest import ROOT
+from conftest import CONSTANT_PRUNING, ROOT, small_recipe
 
 CONFIGS = ROOT / "launch_configs"
 YAMLS = sorted(CONFIGS.glob("*.yaml"))
@@ -55,23 +55,7 @@ acc.end_training()  # destroys the process group: exiting with gloo threads aliv
 """
 
 
-RECIPE = """
-num_epochs: 2.0
-training_modifiers:
-  - !EpochRangeModifier
-    start_epoch: 0.0
-    end_epoch: eval(num_epochs)
-  - !LearningRateFunctionModifier
-    start_epoch: 0.0
-    end_epoch: eval(num_epochs)
-    lr_func: linear
-    init_lr: 1e-3
-    final_lr: 0.0
-pruning_modifiers:
-  - !ConstantPruningModifier
-    start_epoch: 0.0
-    params: __ALL_PRUNABLE__
-"""
+RECIPE = small_recipe(CONSTANT_PRUNING)
 
 
 def write_small_job(folder: Path) -> tuple[Path, Path]:

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from conftest import SHARED, minilm_dir, tiny_bert
+from conftest import CONSTANT_PRUNING, SHARED, minilm_dir, small_recipe, tiny_bert
 from torch.utils.data import DataLoader
 from transformers import AutoModelForTokenClassification, AutoTokenizer, BertForTokenClassification
 
@@ -259,28 +259,12 @@ def test_multi_label_hub_classlabels(tokenizer, monkeypatch):
 
 # -- training ----------------------------------------------------------------------------------------
 
-RECIPE = """
-num_epochs: 2
-init_lr: 0.02
-training_modifiers:
-  - !EpochRangeModifier
-      start_epoch: 0.0
-      end_epoch: eval(num_epochs)
-  - !LearningRateFunctionModifier
-      start_epoch: 0.0
-      end_epoch: eval(num_epochs)
-      lr_func: linear
-      init_lr: eval(init_lr)
-      final_lr: 0.0
+RECIPE = small_recipe(CONSTANT_PRUNING, """
 distillation_modifiers:
   - !DistillationModifier
       hardness: 0.5
       temperature: 2.0
-constant_modifiers:
-  - !ConstantPruningModifier
-      start_epoch: 0.0
-      params: __ALL_PRUNABLE__
-"""
+""", init_lr=0.02)
 
 
 def train_and_recompute(tmp_path, capsys, num_labels: int, *argv):

@@ -12,23 +12,10 @@ from distsparse import checkpoint, distributed
 from distsparse.cli import main as cli
 from distsparse.train import main as train
 
-RECIPE = """
-num_epochs: 2.0
+from conftest import CONSTANT_PRUNING, small_recipe
+
+RECIPE = small_recipe(CONSTANT_PRUNING, """
 qat_start_epoch: 1.0
-training_modifiers:
-  - !EpochRangeModifier
-    start_epoch: 0.0
-    end_epoch: eval(num_epochs)
-  - !LearningRateFunctionModifier
-    start_epoch: 0.0
-    end_epoch: eval(num_epochs)
-    lr_func: linear
-    init_lr: 1e-3
-    final_lr: 0.0
-pruning_modifiers:
-  - !ConstantPruningModifier
-    start_epoch: 0.0
-    params: __ALL_PRUNABLE__
 quantization_modifiers:
   - !QuantizationModifier
     start_epoch: eval(qat_start_epoch)
@@ -37,7 +24,7 @@ regularization_modifiers:
   - !SetWeightDecayModifier
     start_epoch: 0.0
     weight_decay: 0.1
-"""
+""")
 
 
 @pytest.fixture
