@@ -41,6 +41,8 @@ def start(accelerator, args, config: dict, recipe, extra: dict) -> None:
         return
     config = {**config, "distributed_type": str(accelerator.distributed_type),
               "backend": accelerator.state.backend}
+    if args.report_to == "tensorboard":  # TensorBoard's hparams take scalars only
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
     # A sweep agent names the sweep's project in WANDB_PROJECT; a run elsewhere would leave the sweep.
     project = args.wandb_project or os.environ.get("WANDB_PROJECT", "distsparse")
     accelerator.init_trackers(project, config=config,
