@@ -78,6 +78,9 @@ def section(name: str, title: str, module, command: str, targets: str, result: d
     return "\n\n".join(parts)
 
 
+NOTES_MARKER = "<!-- analysis: kept by bench/report.py -->"
+
+
 def render(results: Path) -> str:
     found = load(results)
     head = ("# Benchmarks\n\nMeasured numbers only, each beside the command that produced it (run from the "
@@ -93,7 +96,10 @@ def main() -> None:
     p.add_argument("--results", default=str(bl.RESULTS))
     p.add_argument("--out", default=str(bl.ROOT / "BENCHMARKS.md"))
     args = p.parse_args()
-    Path(args.out).write_text(render(Path(args.results)))
+    out = Path(args.out)
+    # Hand-written analysis below the marker survives regeneration.
+    notes = out.read_text().partition(NOTES_MARKER)[2] if out.is_file() else ""
+    out.write_text(render(Path(args.results)) + (f"\n{NOTES_MARKER}{notes}" if notes else ""))
     print(f"written {args.out}")
 
 

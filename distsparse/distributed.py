@@ -112,7 +112,7 @@ def _zero3_local(keep: torch.Tensor, partition: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mask_parameter_(param: torch.nn.Parameter, keep: torch.Tensor) -> None:
+def mask_parameter_(param: torch.nn.Parameter, keep: torch.Tensor, multiplier: torch.Tensor | None = None) -> None:
     """Zero what ``keep`` prunes in every copy of ``param`` this rank holds, without collectives.
 
     The next forward must see zeros and so must the next optimizer step, which under DeepSpeed
@@ -124,9 +124,13 @@ def mask_parameter_(param: torch.nn.Parameter, keep: torch.Tensor) -> None:
       (hpZ) are not handled;
     - ZeRO-1/2: the fp32 master fragment this rank owns (``param._hp_mapping``; DeepSpeed has no
       local setter, and ``safe_get_full_fp32_param`` would be one all-reduce per tensor).
+    ``multiplier`` (``keep`` as 0/1 in the parameter's dtype) makes the whole-tensor case one multiply.
     """
     if param.numel() == keep.numel():
-        param.data.masked_fill_(~keep.to(param.device), 0.0)
+        if multiplier is not None:
+            param.data.mul_(multiplier)
+        else:
+            param.data.masked_fill_(~keep.to(param.device), 0.0)
     partition = getattr(param, "ds_tensor", None)
     if partition is not None:
         local = _zero3_local(keep, partition)

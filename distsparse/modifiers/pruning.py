@@ -103,20 +103,30 @@ def magnitude_masks(weights: list[torch.Tensor], keeps: list[torch.Tensor], spar
 
 
 @torch.no_grad()
-def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor], grads: bool = False) -> None:
+def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor], grads: bool = False,
+                cache: dict | None = None) -> None:
     """Zero what ``masks`` prune, in the weights or (``grads``) in their gradients.
 
     The only place that writes masked weights; ``distributed.mask_parameter_`` reaches every copy
     (ZeRO-3 partitions, DeepSpeed's fp32 master weights). DeepSpeed steps inside backward and keeps
     gradients to itself (``param.grad`` is None), so there only the weights are masked, after the
-    step, before the next forward.
+    step, before the next forward. ``cache`` keeps each mask as 0/1 in the parameter's dtype: a
+    multiply is several times faster than ``masked_fill_`` on CPU, and this runs twice a step.
     """
     params = dict(model.named_parameters())
     for name, keep in masks.items():
+        param, multiplier = params[name], None
+        if cache is not None and param.numel() == keep.numel():
+            multiplier = cache.get(name)
+            if multiplier is None or multiplier.dtype != param.dtype or multiplier.device != param.device:
+                multiplier = cache[name] = keep.to(device=param.device, dtype=param.dtype)
         if not grads:
-            mask_parameter_(params[name], keep)
-        elif params[name].grad is not None:
-            params[name].grad.masked_fill_(~keep, 0.0)
+            mask_parameter_(param, keep, multiplier)
+        elif param.grad is not None:
+            if multiplier is not None:
+                param.grad.mul_(multiplier)
+            else:
+                param.grad.masked_fill_(~keep, 0.0)
 
 
 def _log_sparsity(state: State, names: list[str]) -> None:
@@ -142,6 +152,15 @@ class _MaskingModifier(Modifier):
         super().__post_init__()
         self.names: list[str] = []
         self.masks: dict[str, torch.Tensor] = {}
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Boolean keep-masks by parameter name: the state that is broadcast, checked and saved."""
+        return self._masks
+
+    @masks.setter
+    def masks(self, masks: dict[str, torch.Tensor]) -> None:
+        self._masks, self._multipliers = masks, {}  # new masks: drop their cached 0/1 copies
 
     def update_due(self, state: State) -> bool:
         raise NotImplementedError
@@ -175,7 +194,7 @@ class _MaskingModifier(Modifier):
             with full_parameters(state.model, self.names):  # ZeRO-3: whole weights to score
                 self.update_masks(state)
         else:
-            apply_masks(state.model, self.masks, grads=event == Event.AFTER_BACKWARD)
+            apply_masks(state.model, self.masks, grads=event == Event.AFTER_BACKWARD, cache=self._multipliers)
 
     def set_masks(self, state: State, masks: dict[str, torch.Tensor]) -> None:
         """Adopt rank 0's new masks (one fused broadcast) and prune the weights now."""
