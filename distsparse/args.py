@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from .compat import argparse_dests
 from .errors import UserError
 from .recipe import parse_recipe_args
 
@@ -93,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise UserError(f"{path}: expected a mapping of flag names to values")
-        known = {a.dest for a in parser._actions}
+        known = argparse_dests(parser)
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"{path}: unknown key {unknown[0]!r} (not a distsparse train flag)")

@@ -1,9 +1,13 @@
 """``distsparse train | export | recipe check``: one entry point, user errors as one line."""
 from __future__ import annotations
 
+import importlib
 import sys
 
-from .errors import UserError
+from .errors import run_command
+
+# Each command's module, imported only when called: `distsparse recipe check` needs no torch model code.
+COMMANDS = {"train": "distsparse.train", "export": "distsparse.export", "recipe": "distsparse.recipe.check"}
 
 USAGE = """usage: distsparse COMMAND [ARGS]
 
@@ -20,20 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    try:
-        if command == "train":
-            from .train import main as run
-        elif command == "export":
-            from .export import main as run
-        elif command == "recipe":
-            from .recipe.check import main as run
-        else:
-            print(f"distsparse: unknown command {command!r}\n{USAGE}", file=sys.stderr)
-            return 2
-        return run(rest) or 0
-    except UserError as err:
-        print(f"distsparse {command}: error: {err}", file=sys.stderr)
+    if command not in COMMANDS:
+        print(f"distsparse: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
+    return run_command(command, lambda argv: importlib.import_module(COMMANDS[command]).main(argv), rest)
 
 
 if __name__ == "__main__":

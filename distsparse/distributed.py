@@ -6,8 +6,6 @@ which are no-ops in a single process:
 - ``broadcast_`` / ``all_reduce_min_max_``: the two fused collectives masks and observers use;
 - ``full_parameters`` / ``mask_parameter_``: read and write weights wherever this rank keeps
   them (plain tensor, ZeRO-3 partition, DeepSpeed's fp32 master copy);
-- ``make_accelerator`` / ``prepare_teacher``: DDP or DeepSpeed as launched, the teacher frozen or
-  ZeRO-3 partitioned, never wrapped for gradient sync;
 - ``check_rank_consistency``: digests of masks, quantization parameters and replicated weights,
   compared across ranks.
 
@@ -23,6 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from . import compat
 
 SYNC = True
 DUMP_ENV = "DISTSPARSE_DUMP_RANK_STATE"  # test hook, see _dump
@@ -94,7 +94,7 @@ def full_parameters(model: torch.nn.Module, names=None):
     gathered (a collective: every rank must enter), read-only, and partitioned again on exit."""
     wanted = None if names is None else set(names)
     params = [p for n, p in model.named_parameters() if wanted is None or n in wanted]
-    if not any(hasattr(p, "ds_id") for p in params):
+    if not any(compat.is_zero3(p) for p in params):
         yield
         return
     import deepspeed
@@ -131,20 +131,20 @@ def mask_parameter_(param: torch.nn.Parameter, keep: torch.Tensor, multiplier: t
             param.data.mul_(multiplier)
         else:
             param.data.masked_fill_(~keep.to(param.device), 0.0)
-    partition = getattr(param, "ds_tensor", None)
+    partition = compat.zero3_partition(param)
     if partition is not None:
         local = _zero3_local(keep, partition)
         partition.data.masked_fill_(~local, 0.0)
-        if getattr(param, "_z3_optimizer", None) is not None and param.requires_grad:
+        if compat.zero3_has_master(param):
             from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
             master = safe_get_local_fp32_param(param)
             safe_set_local_fp32_param(param, master.masked_fill(~local.to(master.device), 0.0))
-    fragment = getattr(param, "_hp_mapping", None)
+    fragment = compat.zero12_master_fragment(param)
     if fragment is not None:
-        where = fragment.lp_fragment_address
-        local = keep.reshape(-1).narrow(0, where.start, where.numel)
-        fragment.hp_fragment.data.masked_fill_(~local.to(fragment.hp_fragment.device), 0.0)
+        master, start, numel = fragment
+        local = keep.reshape(-1).narrow(0, start, numel)
+        master.data.masked_fill_(~local.to(master.device), 0.0)
 
 
 def zero_stage(accelerator) -> int | None:
@@ -155,76 +155,6 @@ def zero_stage(accelerator) -> int | None:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return None
     return int(accelerator.state.deepspeed_plugin.zero_stage)
-
-
-# -- accelerator and teacher ----------------------------------------------------------------------------
-def make_accelerator(args):
-    """The Accelerator for ``args``: DDP or DeepSpeed, as ``accelerate launch`` configured the run.
-
-    Under DeepSpeed it holds two plugins, "student" (active) and "teacher", both built from the
-    launch config; ``prepare_teacher`` uses the second one only under ZeRO-3. DDP's buffer
-    broadcast is off: our observer sync keeps buffers equal, and DDP copying rank 0's buffers
-    over the others' would hide a bug from the consistency check.
-    """
-    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, PartialState
-    from accelerate.utils import DeepSpeedPlugin
-
-    from . import tracking
-
-    plugins = None
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        from deepspeed.accelerator import get_accelerator
-
-        if get_accelerator().device_name() == "cpu":  # DS_ACCELERATOR=cpu, or no GPU found
-            PartialState(backend="gloo")  # without it Accelerate finds no backend and runs one process
-        # --max_grad_norm fills the config's "auto" (DeepSpeed clips inside its step; 0 turns it off).
-        plugins = {key: DeepSpeedPlugin(gradient_clipping=args.max_grad_norm) for key in ("student", "teacher")}
-        # The teacher is prepared without a dataloader, so its micro batch cannot stay "auto".
-        plugins["teacher"].deepspeed_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
-    return Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=tracking.log_with(args.report_to),
-        project_dir=args.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-        deepspeed_plugins=plugins,
-    )
-
-
-def prepare_teacher(accelerator, teacher):
-    """The teacher for inference on every rank: frozen, in eval mode, never wrapped for gradient sync.
-
-    DDP and ZeRO-1/2: a whole frozen copy on the device (Accelerate adds autocast for mixed
-    precision). ZeRO-3: a DeepSpeed inference engine from the "teacher" plugin, so each rank keeps
-    1/world_size of the teacher's parameters, gathered layer by layer in its forward.
-
-    Why Accelerate's multiple DeepSpeed plugins rather than TRL's direct ``deepspeed.initialize``
-    with a copied config: the teacher takes the very ZeRO-3 settings the user launched with
-    (offload, buckets, precision), Accelerate fills their "auto" values and keeps one process
-    group and one device setup; ``accelerator.backward`` keeps stepping the student's engine.
-    Either way the teacher is taken out of Accelerate's model list: ``save_state`` must not write
-    (nor ``load_state`` restore) a frozen teacher that ``--teacher`` reloads anyway, and under
-    DeepSpeed it would call ``save_checkpoint`` on a plain module.
-    """
-    if teacher is None:
-        return None
-    teacher.eval().requires_grad_(False)
-    if zero_stage(accelerator) == 3:
-        accelerator.state.select_deepspeed_plugin("teacher")
-        try:
-            prepared = accelerator.prepare(teacher)
-        finally:
-            accelerator.state.select_deepspeed_plugin("student")
-    else:
-        prepared = accelerator.prepare_model(teacher, evaluation_mode=True)
-    accelerator._models.remove(prepared)
-    prepared.eval()  # DeepSpeedEngine.eval() returns None
-    if zero_stage(accelerator) == 3:
-        local = sum(p.ds_tensor.numel() for p in prepared.module.parameters())
-        total = sum(p.ds_numel for p in prepared.module.parameters())
-        accelerator.print(f"teacher: ZeRO-3 partitioned, rank 0 holds {local / total:.1%} of its {total:,} parameters")
-    return prepared
 
 
 # -- the check ---------------------------------------------------------------------------------------------
@@ -252,12 +182,11 @@ def consistency_tensors(model, modifiers, include_weights: bool, teacher=None) -
     """Every tensor that must be bitwise equal on all ranks: modifier state (masks, observer
     statistics), scales/zero-points, and with ``include_weights`` the student's and the (frozen)
     teacher's weights."""
-    from .fake_quant import qparams
-
     tensors: list = []
     for i, m in enumerate(modifiers):
         _flatten(f"{type(m).__name__}[{i}]", m.state_dict(), tensors)
-    _flatten("qparams", qparams(model), tensors)
+    # Every fake-quant scale and zero point, found by buffer name (fake_quant imports this module).
+    _flatten("qparams", {n: b for n, b in model.named_buffers() if n.endswith((".scale", ".zero_point"))}, tensors)
     if include_weights:
         tensors += [(f"weight.{n}", p) for n, p in model.named_parameters()]
         if teacher is not None:
@@ -301,8 +230,8 @@ def _dump(tensors: list[tuple[str, torch.Tensor]], teacher) -> None:
     out = {name: t.detach().cpu().contiguous().clone() for name, t in tensors}
     if teacher is not None:
         params = list(teacher.parameters())
-        out["teacher_numel"] = torch.tensor(sum(getattr(p, "ds_numel", p.numel()) for p in params))
-        out["teacher_local_numel"] = torch.tensor(sum(getattr(p, "ds_tensor", p).numel() for p in params))
+        out["teacher_numel"] = torch.tensor(sum(compat.zero3_numel(p) for p in params))
+        out["teacher_local_numel"] = torch.tensor(sum(compat.local_numel(p) for p in params))
         module = getattr(teacher, "module", teacher)  # a DeepSpeed engine's own flag is never used
         out["teacher_training"] = torch.tensor(any(m.training for m in module.modules()))
     Path(folder).mkdir(parents=True, exist_ok=True)

@@ -11,3 +11,14 @@ class RecipeError(UserError):
 
 class DataError(UserError):
     pass
+
+
+def run_command(name: str, main, argv: list[str]) -> int:
+    """Run ``main(argv)``; a UserError becomes one line on stderr and exit status 2."""
+    import sys
+
+    try:
+        return main(argv) or 0
+    except UserError as err:
+        print(f"distsparse {name}: error: {err}", file=sys.stderr)
+        return 2

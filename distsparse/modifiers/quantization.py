@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..compat import ddp_ignore_buffers
 from ..events import Event, State
 from ..fake_quant import (ActivationFakeQuant, FakeQuant, load_named_quant_state, named_quant_state,
                           to_quant_, update_observers_)
@@ -117,7 +118,7 @@ class QuantizationModifier(Modifier):
         # DDP would otherwise broadcast rank 0's buffers before each forward, wiping the other
         # ranks' pending statistics between accumulation micro-batches; we sync them ourselves.
         ignore = [f"{n}.{b}" for n, m in self._quants for b, _ in m.named_buffers(recurse=False)]
-        model._ddp_params_and_buffers_to_ignore = [*getattr(model, "_ddp_params_and_buffers_to_ignore", []), *ignore]
+        ddp_ignore_buffers(model, ignore)
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

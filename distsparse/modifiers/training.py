@@ -9,13 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..events import Event, State
+from ..events import NO_DECAY, Event, State
 from .base import Modifier, register
 
 LR_FUNCS = ("linear", "cosine", "cyclic_linear")
-
-# The loop marks its bias/LayerNorm AdamW group with this key; SetWeightDecayModifier leaves it at 0.
-NO_DECAY = "no_decay"
 
 
 def _num(x: float) -> str:
