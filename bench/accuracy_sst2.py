@@ -68,31 +68,20 @@ def steps(args, name: str) -> int:
     return math.ceil((args.dense_epochs if name == "dense" else args.epochs) * per_epoch)
 
 
-def plain_step_seconds(args) -> float:
-    """The plain loop's step on real SST-2 batches (median of 3 after 1 warmup), for the estimate."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def plain_step_seconds(args, work: Path) -> float:
+    """The plain job's step (``distsparse.train.train_step``) on real SST-2 batches (median of 3 after
+    1 warmup), for the estimate."""
+    from distsparse.train import train_step
 
-    import datasets
-
-    from distsparse.data import read_file
-
-    datasets.disable_progress_bars()
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    rows = read_file(args.train_file).select(range(min(4 * args.batch_size, args.train_rows)))
+    run = bl.build_run(Path(args.model), "", work, "estimate", "--train_file", str(args.train_file),
+                       "--max_train_samples", str(4 * args.batch_size), "--max_seq_length", str(args.max_seq_length),
+                       "--per_device_train_batch_size", str(args.batch_size), "--overwrite_output_dir")
     times = []
-    for i in range(4):
-        part = rows[i * args.batch_size:(i + 1) * args.batch_size]
-        batch = tokenizer(part["sentence"], truncation=True, max_length=args.max_seq_length, padding=True,
-                          return_tensors="pt")
+    for batch in run.train_loader:
         t0 = time.perf_counter()
-        model(**batch, labels=torch.tensor(part["label"])).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        train_step(run, batch)
         times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[1]
+    return sorted(times[1:4])[1]
 
 
 def sparsity(model_dir: Path) -> float:
@@ -195,13 +184,13 @@ def main() -> None:
     if args.tiny:
         args.train_rows, args.epochs, args.dense_epochs, args.batch_size = 64, 2, 1, 16
         args.max_seq_length, args.max_eval_samples = 32, args.max_eval_samples or 64
-        args.model = args.model or str(bl.save_tiny_model(work / "tiny-bert"))
+        args.model = args.model or str(bl.save_model(bl.load_model(tiny=True), work / "tiny-bert"))
     args.model = args.model or bl.minilm_path()
     args.train_file = args.train_file or (DEFAULT_TRAIN if args.tiny else bl.SST2 / "train.tsv")
     args.dev_file = args.dev_file or (DEFAULT_VALIDATION if args.tiny else bl.SST2 / "dev.tsv")
     bl.set_threads(args.threads)
 
-    step_s = plain_step_seconds(args)
+    step_s = plain_step_seconds(args, work)
     total_steps = sum(steps(args, n) for n in names)
     estimate = total_steps * step_s
     print(f"estimated wall time: at least {estimate / 60:.1f} min ({total_steps} steps x {step_s:.2f} s, the plain "

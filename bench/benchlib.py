@@ -151,11 +151,11 @@ def load_model(tiny: bool, seed: int = 0):
     return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
 
 
-def save_tiny_model(folder: Path) -> Path:
-    """A saved tiny BERT with MiniLM's tokenizer: what ``--model_name_or_path`` takes in tiny runs."""
+def save_model(model, folder: Path) -> Path:
+    """``model`` saved with MiniLM's tokenizer: what ``--model_name_or_path`` takes."""
     from transformers import AutoTokenizer
 
-    load_model(tiny=True).save_pretrained(folder)
+    model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
     return folder
 
@@ -168,50 +168,31 @@ def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) 
             "labels": torch.randint(0, 2, (batch_size,), generator=g)}
 
 
-# -- the loop's step -------------------------------------------------------------------------------------
-def train_step(accelerator, model, optimizer, modifiers, state, batch, max_grad_norm: float = 1.0) -> None:
-    """One optimizer step in the order ``distsparse.train`` fires events (no accumulation).
+# -- the real job ----------------------------------------------------------------------------------------
+def build_run(model_dir: Path, recipe_text: str, work: Path, name: str, *flags: str):
+    """A job exactly as ``distsparse train`` sets it up (``distsparse.train.setup``), for
+    ``recipe_text`` on the model in ``model_dir``; benchmarks step it with ``distsparse.train.train_step``.
 
-    A copy of the loop's event order, not of its code: train.py has no step function to call.
+    The data is the bundled SST-2 sample (only its size matters: it sets steps per epoch); the
+    benchmarks feed their own batches. An empty recipe still gets an epoch range, never the default recipe.
     """
-    from distsparse.events import Event, fire
+    from distsparse.args import parse_args
+    from distsparse.train import setup
 
-    with accelerator.accumulate(model):
-        fire(modifiers, Event.BATCH_START, state)
-        state.batch = batch
-        state.outputs = model(**batch)
-        state.loss = state.outputs.loss
-        state.loss_parts = {"task": state.loss.detach()}
-        fire(modifiers, Event.LOSS, state)
-        accelerator.backward(state.loss)
-        fire(modifiers, Event.AFTER_BACKWARD, state)
-        if max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
-        fire(modifiers, Event.OPTIMIZER_STEP_END, state)
-    state.step += 1
+    recipe = work / f"{name}.yaml"
+    recipe.write_text(recipe_text if recipe_text.strip() else PLAIN_RECIPE)
+    args = parse_args(["--model_name_or_path", str(model_dir), "--recipe", str(recipe), "--output_dir",
+                       str(work / name), "--learning_rate", "1e-5", "--report_to", "none",
+                       "--check_rank_consistency", "off", *flags])
+    return setup(args)
 
 
-def build_variant(accelerator, model, recipe_yaml: str, steps_per_epoch: int, teacher=None, lr: float = 1e-5):
-    """Model, optimizer and modifiers set up as the loop does: INIT before prepare, FIT_START after."""
-    from distsparse.events import Event, State, fire
-    from distsparse.recipe import load_recipe
-    from distsparse.train import param_groups
-
-    modifiers = load_recipe(recipe_yaml).modifiers if recipe_yaml.strip() else []
-    state = State(model=model, steps_per_epoch=steps_per_epoch, accelerator=accelerator)
-    fire(modifiers, Event.INIT, state)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state.model, state.optimizer = accelerator.unwrap_model(model), optimizer
-    if teacher is not None:
-        from distsparse.distributed import prepare_teacher
-
-        state.teacher = prepare_teacher(accelerator, teacher)
-    fire(modifiers, Event.FIT_START, state)
-    model.train()
-    return model, optimizer, modifiers, state
+PLAIN_RECIPE = """
+training_modifiers:
+  - !EpochRangeModifier
+    start_epoch: 0.0
+    end_epoch: 1000.0
+"""
 
 
 # -- timing ----------------------------------------------------------------------------------------------

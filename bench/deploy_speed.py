@@ -33,21 +33,16 @@ QAT_FILES = ("recipe.yaml", "quantization.safetensors")
 
 
 def tiny_qat_model(folder: Path) -> Path:
-    """A tiny BERT, 80% pruned, after two constant-pruning + QAT steps, saved as training saves it."""
-    from accelerate import Accelerator
-    from transformers import AutoTokenizer
+    """A tiny BERT, 80% pruned, after three constant-pruning + QAT steps of the real job, saved as training saves it."""
+    from distsparse.train import train_step, write_model
+    from step_overhead import PRESPARSITY, QAT, presparsify_
 
-    from distsparse.recipe import load_recipe
-    from distsparse.savedmodel import save_model
-    from step_overhead import PRESPARSITY, QAT, STEPS_PER_EPOCH, presparsify_
-
-    accelerator = Accelerator()
     model = bl.load_model(tiny=True)
     presparsify_(model, PRESPARSITY)
-    model, optimizer, modifiers, state = bl.build_variant(accelerator, model, QAT, STEPS_PER_EPOCH)
+    run = bl.build_run(bl.save_model(model, folder.parent / "tiny-start"), QAT, folder.parent, "tiny-qat")
     for seed in range(3):
-        bl.train_step(accelerator, model, optimizer, modifiers, state, bl.random_batch(4, 16, 30522, seed))
-    save_model(accelerator, model, AutoTokenizer.from_pretrained(bl.minilm_path()), load_recipe(QAT), folder, metadata={})
+        train_step(run, bl.random_batch(4, 16, 30522, seed))
+    write_model(run, folder)
     return folder
 
 

@@ -35,6 +35,7 @@ def launch(args) -> dict:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.json"
+        bl.save_model(bl.load_model(args.tiny), Path(tmp) / "model")
         cmd = [sys.executable, "-m", "accelerate.commands.launch",
                "--config_file", str(bl.ROOT / "launch_configs" / "cpu_2proc.yaml"), "--main_process_port", str(port),
                __file__, "--worker", str(raw), *sys.argv[1:]]
@@ -50,24 +51,23 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from distsparse import distributed
-    from distsparse.args import parse_args
     from distsparse.fake_quant import ActivationFakeQuant, update_observers_
-    from step_overhead import QAT, STEPS_PER_EPOCH
+    from distsparse.train import train_step
+    from step_overhead import QAT
 
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        accelerator = distributed.make_accelerator(parse_args(["--output_dir", tmp]))
+    work = Path(args.worker).parent  # the launcher saved the model there
+    run = bl.build_run(work / "model", QAT, work, "qat")
+    accelerator, modifiers = run.accelerator, run.recipe.modifiers
     assert accelerator.num_processes == 2, f"expected 2 ranks, got {accelerator.num_processes}"
-    model = bl.load_model(args.tiny)
-    batch = bl.random_batch(args.batch_size, args.seq_len, model.config.vocab_size, seed=accelerator.process_index)
-    model, optimizer, modifiers, state = bl.build_variant(accelerator, model, QAT, STEPS_PER_EPOCH)
+    batch = bl.random_batch(args.batch_size, args.seq_len, run.state.model.config.vocab_size, seed=accelerator.process_index)
     pruning, quantization = modifiers
     observers = [fq for _, fq in quantization._quants if isinstance(fq, ActivationFakeQuant)]
     masks = list(pruning.masks.values())
     mins, maxs = torch.randn(len(observers)), torch.randn(len(observers))
 
     calls = {
-        "step": lambda: bl.train_step(accelerator, model, optimizer, modifiers, state, batch),
+        "step": lambda: train_step(run, batch),
         "observer_all_reduce": lambda: distributed.all_reduce_min_max_(mins, maxs),
         "update_observers": lambda: update_observers_(observers),
         "mask_broadcast": lambda: distributed.broadcast_(masks, src=0),

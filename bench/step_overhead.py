@@ -1,8 +1,8 @@
 """Training-step overhead of each modifier against the plain loop, on one model and one batch.
 
-Every variant is its own copy of the same model (MiniLM-L6 with its encoder linears pre-pruned to
-80%), its own AdamW and the real modifiers, built from recipe text and driven by the loop's event
-order (``benchlib.train_step``). Variants alternate round-robin in one process; each reports the
+Every variant is a real job (``distsparse.train.setup``) on the same model (MiniLM-L6 with its
+encoder linears pre-pruned to 80%) with its own recipe, stepped by the job's own
+``distsparse.train.train_step``. Variants alternate round-robin in one process; each reports the
 median step time and the median of its per-round ratios to the plain step.
 
     .venv/bin/python bench/step_overhead.py --out bench/results/step_overhead.json
@@ -10,13 +10,13 @@ median step time and the median of its per-round ratios to the plain step.
 """
 from __future__ import annotations
 
-import copy
+import tempfile
+from pathlib import Path
 
 import torch
 
 import benchlib as bl
 
-STEPS_PER_EPOCH = 100  # nominal: schedules below are written so that they stay put while measured
 PRESPARSITY = 0.8
 
 
@@ -72,21 +72,19 @@ def presparsify_(model, sparsity: float) -> None:
             w.masked_fill_(~keep, 0.0)
 
 
-def build(args):
+def build(args, work: Path):
     """The variants' step functions, plus the teacher's forward alone, over one shared batch."""
-    from accelerate import Accelerator
+    from distsparse.train import train_step
 
     base = bl.load_model(args.tiny)
     presparsify_(base, PRESPARSITY)
-    teacher = copy.deepcopy(base).eval().requires_grad_(False)
+    model_dir = bl.save_model(base, work / "model")
+    teacher = base.eval().requires_grad_(False)
     batch = bl.random_batch(args.batch_size, args.seq_len, base.config.vocab_size)
-    accelerator = Accelerator()
     calls = {}
     for name in args.variants:
-        recipe = VARIANTS[name][0]
-        model, optimizer, modifiers, state = bl.build_variant(
-            accelerator, copy.deepcopy(base), recipe, STEPS_PER_EPOCH, teacher=copy.deepcopy(teacher) if name == "distill" else None)
-        calls[name] = lambda m=model, o=optimizer, mods=modifiers, s=state: bl.train_step(accelerator, m, o, mods, s, batch)
+        run = bl.build_run(model_dir, VARIANTS[name][0], work, name, *(["--teacher", "self"] if name == "distill" else []))
+        calls[name] = lambda run=run: train_step(run, batch)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
 
     def teacher_forward():
@@ -97,8 +95,8 @@ def build(args):
     return calls
 
 
-def measure(args) -> dict:
-    calls = build(args)
+def measure(args, work: Path) -> dict:
+    calls = build(args, work)
     times = bl.round_robin(calls, args.warmup, args.repeats)
     plain = times["plain"]
     ms = {name: bl.median_ms(t) for name, t in times.items()}
@@ -149,9 +147,9 @@ def table(result: dict) -> str:
         ["variant", "what", "median ms", "vs plain", "target", "", "SparseML 1.8.0"], rows)
 
 
-def profile(args) -> str:
+def profile(args, work: Path) -> str:
     """torch.profiler's top operators for each variant named by --profile (after warmup)."""
-    calls = build(args)
+    calls = build(args, work)
     bl.round_robin(calls, 0, args.warmup)
     tables = []
     for name in args.profile.split(","):
@@ -189,11 +187,13 @@ def main() -> None:
     if args.profile:
         if args.out == str(bl.RESULTS / "step_overhead.json"):
             args.out = str(bl.RESULTS / "step_overhead_profile.json")
-        text = profile(args)
+        with tempfile.TemporaryDirectory() as work:
+            text = profile(args, Path(work))
         bl.save({"settings": {"profile": args.profile, "steps": args.profile_steps}, "profile": text},
                 args.out, text)
         return
-    result = measure(args)
+    with tempfile.TemporaryDirectory() as work:
+        result = measure(args, Path(work))
     bl.save(result, args.out, table(result))
 
 

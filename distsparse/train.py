@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from . import checkpoint, distributed, launch, tracking
+from . import checkpoint, distributed, launch, preflight, tracking
 from .args import parse_args
 from .data import build_task
 from .errors import UserError, run_command
@@ -98,14 +98,16 @@ def setup(args: argparse.Namespace) -> Run:
     """Data, model and recipe; the recipe's structure built (INIT) before Accelerate wraps the model;
     resumed from a checkpoint when asked; trackers started; FIT_START fired."""
     distributed.SYNC = not args.debug_disable_rank_sync
+    model_path = args.model_name_or_path or default_model()
+    preflight.check_before_loading(args, model_path)
     accelerator = launch.make_accelerator(args)
     guard_output_dir(args, accelerator)
     set_seed(args.seed)
-    model_path = args.model_name_or_path or default_model()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or model_path)
     datasets.disable_progress_bars()  # a bad file must end in one readable line
     with accelerator.main_process_first():
         task = build_task(args, tokenizer)
+    preflight.check_teacher_labels(args, task.num_labels)
     recipe = load_recipe(args.recipe or DEFAULT_RECIPE, args.recipe_args)
     model = task.model_class.from_pretrained(model_path, **model_kwargs(task))
     teacher = launch.load_teacher(args, model, task.model_class, model_kwargs(task))

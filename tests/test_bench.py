@@ -125,3 +125,37 @@ def test_report_uses_measured_results_only(step_overhead, tmp_path):
     assert f"| cpu | {result['machine']['cpu']} |" in text and "| torch |" in text
     for command in ("bench/rank_sync.py --out", "bench/accuracy_sst2.py --out", "bench/deploy_speed.py --model_path"):
         assert command in text
+
+
+def test_benchmarks_step_the_job_itself(monkeypatch, tmp_path, tiny_model_dir):
+    """The benchmarks call ``distsparse.train.train_step``: the events a benchmark step fires are the
+    ones a training job's step fires, and no bench file fires events or steps an optimizer itself."""
+    import importlib
+
+    import distsparse.train as train_module
+
+    fired = []
+    real_fire = train_module.fire
+    monkeypatch.setattr(train_module, "fire", lambda mods, event, state: (fired.append(event), real_fire(mods, event, state)))
+    monkeypatch.syspath_prepend(str(BENCH))
+    benchlib, step_overhead = importlib.import_module("benchlib"), importlib.import_module("step_overhead")
+
+    run = benchlib.build_run(tiny_model_dir, step_overhead.QAT, tmp_path, "qat", "--max_seq_length", "16")
+    job_step = [e for e in fired]
+    fired.clear()
+    batch = next(iter(run.train_loader))
+    train_module.train_step(run, batch)
+    bench_events = list(fired)
+    fired.clear()
+    job = train_module.setup(train_module.parse_args([
+        "--model_name_or_path", str(tiny_model_dir), "--recipe", str(tmp_path / "qat.yaml"),
+        "--output_dir", str(tmp_path / "job"), "--max_seq_length", "16", "--num_train_epochs", "0.05"]))
+    assert [e.value for e in job_step] == [e.value for e in fired] == ["init", "fit_start"]
+    fired.clear()
+    assert train_module.train(job)
+    per_step = bench_events
+    assert [e.value for e in per_step] == ["batch_start", "loss", "after_backward", "optimizer_step_end"]
+    assert fired[:4] == per_step  # the job's first step fires the same events in the same order
+    for script in BENCH.glob("*.py"):
+        text = script.read_text()
+        assert "fire(" not in text and "optimizer.step(" not in text and ".backward(" not in text, script.name
