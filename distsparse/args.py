@@ -22,7 +22,7 @@ from .recipe import parse_recipe_args
 RECIPE_PREFIX = "--recipe."
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # long: one line per flag, grouped as --help shows them
     p = argparse.ArgumentParser(
         prog="distsparse train",
         description="Sparse transfer learning with a SparseML-style recipe, on Accelerate.",

@@ -248,7 +248,7 @@ def end_of_step(run: Run, meter: LossMeter, lr: float, preempted: bool) -> bool:
         if args.check_rank_consistency == "epoch":
             check_ranks(run)
     if run.eval_loader and due(args.eval_strategy, args.eval_steps or args.save_steps, state.step, epoch_end):
-        evaluate(run)
+        evaluate_and_log(run)
     stop = distributed.any_rank(preempted)
     if stop or due(args.save_strategy, args.save_steps, state.step, epoch_end):
         save_checkpoint(run)
@@ -317,7 +317,7 @@ def log(run: Run, logs: dict) -> None:
     run.accelerator.print(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
 
 
-def evaluate(run: Run) -> dict:
+def evaluate_and_log(run: Run) -> dict:
     """The task's metrics on the eval set (all ranks), logged as ``eval/...``."""
     run.metrics = {f"eval/{k}": v for k, v in task_metrics(run.model, run.eval_loader, run.accelerator, run.task).items()}
     log(run, run.metrics)
@@ -376,7 +376,7 @@ def finish(run: Run) -> dict:
     if args.check_rank_consistency == "end":  # "epoch" already checked at the last step
         check_ranks(run)
     if run.eval_loader and run.metrics_step != state.step:
-        evaluate(run)
+        evaluate_and_log(run)
     write_model(run, Path(args.output_dir))
     sparsity = sparsity_report(state.model)  # every rank: collective under ZeRO-3
     if accelerator.is_main_process:
