@@ -14,11 +14,16 @@ class DataError(UserError):
 
 
 def run_command(name: str, main, argv: list[str]) -> int:
-    """Run ``main(argv)``; a UserError becomes one line on stderr and exit status 2."""
+    """Run ``main(argv)``; a UserError becomes one line on stderr and exit status 2.
+
+    Under a multi-process launch every rank meets the same bad input; only rank 0 says so, so the
+    user reads the line once."""
+    import os
     import sys
 
     try:
         return main(argv) or 0
     except UserError as err:
-        print(f"distsparse {name}: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"distsparse {name}: error: {err}", file=sys.stderr)
         return 2
