@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:  # long: one line per flag, group
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default="outputs/distsparse",
                    help="environment variables are expanded: outputs/sweep/$WANDB_RUN_ID gives each sweep run its own")
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="start fresh even if output_dir holds checkpoints of an earlier run (they are removed)")
+    switch(g, "--overwrite_output_dir",
+           help="start fresh even if output_dir holds checkpoints of an earlier run (they are removed)")
     g.add_argument("--per_device_train_batch_size", type=int, default=32)
     g.add_argument("--per_device_eval_batch_size", type=int, default=64)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -73,7 +73,18 @@ def build_parser() -> argparse.ArgumentParser:  # long: one line per flag, group
     g.add_argument("--logging_steps", type=int, default=10)
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint dir, or 'latest' (starts fresh if none)")
     g.add_argument("--check_rank_consistency", choices=["epoch", "end", "off"], default="epoch")
-    g.add_argument("--debug_disable_rank_sync", action="store_true", help=argparse.SUPPRESS)
+    switch(g, "--debug_disable_rank_sync", help=argparse.SUPPRESS)
+    g = p.add_argument_group("Hugging Face run_glue.py / SparseML names (same meaning)")
+    switch(g, "--do_train", help="train (with none of --do_train/--do_eval: train and evaluate)")
+    switch(g, "--do_eval", help="evaluate; without --do_train, the model as saved (QAT scales included)")
+    switch(g, "--fp16", help="= --mixed_precision fp16")
+    switch(g, "--bf16", help="= --mixed_precision bf16")
+    switch(g, "--load_best_model_at_end", help="the saved model is the checkpoint with the best --metric_for_best_model")
+    g.add_argument("--metric_for_best_model", default=None, help="an eval metric name (default: accuracy, else the first)")
+    g.add_argument("--greater_is_better", type=boolean, default=None, help="default: False for *loss, else True")
+    g.add_argument("--best_model_after_epoch", type=float, default=0.0,
+                   help="SparseML: only evaluations from this epoch on compete (once the final sparsity is reached)")
+    g.add_argument("--distill_teacher", dest="teacher", default=argparse.SUPPRESS, help="SparseML's name for --teacher")
     g = p.add_argument_group("tracking")
     g.add_argument("--report_to", choices=["none", "wandb", "tensorboard"], default="none")
     g.add_argument("--run_name", default=None)
@@ -84,9 +95,23 @@ def build_parser() -> argparse.ArgumentParser:  # long: one line per flag, group
     return p
 
 
+def boolean(text: str) -> bool:
+    """``True``/``False`` as ``TrainingArguments`` and W&B sweep agents pass booleans."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(str(text).lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return value
+
+
+def switch(group, name: str, help: str) -> None:
+    """A boolean flag: ``--name`` alone, or ``--name True`` / ``--name=False``."""
+    group.add_argument(name, type=boolean, nargs="?", const=True, default=False, help=help)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    values: dict = {}
     if args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -104,7 +129,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if overrides:
         args.recipe_args = {**parse_recipe_args(args.recipe_args), **overrides}
     args.output_dir = os.path.expandvars(args.output_dir)
+    args.given = sorted(given_flags(argv) | set(values))
+    if not (args.do_train or args.do_eval):
+        args.do_train = args.do_eval = True  # the default job: train, then evaluate
+    if args.fp16 or args.bf16:
+        wanted = "bf16" if args.bf16 else "fp16"
+        if (args.fp16 and args.bf16) or args.mixed_precision not in (None, wanted):
+            raise UserError(f"--fp16/--bf16/--mixed_precision disagree: pick one precision ({wanted}?)")
+        args.mixed_precision = wanted
     return args
+
+
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The flags the user typed (``--name value`` or ``--name=value``), so a recipe that overrides one can say so."""
+    import sys
+
+    tokens = sys.argv[1:] if argv is None else argv
+    return {t[2:].split("=", 1)[0] for t in tokens if t.startswith("--")}
 
 
 def recipe_overrides(parser: argparse.ArgumentParser, rest: list[str]) -> dict:

@@ -122,11 +122,13 @@ def check_pickle(path: Path) -> None:
 
 
 # -- writing ------------------------------------------------------------------------------------------
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, write, save_total_limit: int | None) -> Path:
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, write, save_total_limit: int | None,
+                    keep: Path | None = None) -> Path:
     """Save on all ranks into ``.tmp-checkpoint-STEP``; the manifest last; rename when every rank is done.
 
     ``write(folder)`` writes the model and our training state (collective under ZeRO-3). A crash at
     any point leaves earlier checkpoints untouched; the next save removes the stale temporary folder.
+    ``save_total_limit`` rotates old checkpoints out, never ``keep`` (the best one).
     """
     root = Path(output_dir)
     final, tmp = root / f"{CHECKPOINT_PREFIX}{step}", root / f".tmp-{CHECKPOINT_PREFIX}{step}"
@@ -146,9 +148,17 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, write, save_
         tmp.rename(final)
         if save_total_limit:
             for old in checkpoints(root)[:-save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old != keep:
+                    shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def copy_model_files(checkpoint_dir: Path, folder: Path) -> None:
+    """A checkpoint's model folder (everything but the training state and manifest) into ``folder``."""
+    for item in checkpoint_dir.iterdir():
+        if item.is_file() and item.name != MANIFEST:
+            shutil.copy2(item, folder / item.name)
 
 
 def write_json(path: Path, data: dict) -> None:

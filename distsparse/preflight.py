@@ -43,6 +43,12 @@ def check_flags(args) -> None:
             raise UserError(f"--{name} {value}: must be a finite number >= 0")
     if not math.isfinite(args.num_train_epochs) or args.num_train_epochs <= 0:
         raise UserError(f"--num_train_epochs {args.num_train_epochs}: must be a finite number > 0")
+    if args.load_best_model_at_end:  # the best evaluation must have a checkpoint to come back to
+        eval_every = args.eval_steps or args.save_steps
+        if args.eval_strategy == "no" or args.save_strategy != args.eval_strategy or (
+                args.save_strategy == "steps" and args.save_steps % eval_every):
+            raise UserError("--load_best_model_at_end: needs --save_strategy equal to --eval_strategy (not 'no'), "
+                            "and --save_steps a multiple of --eval_steps")
 
 
 def check_output_dir(output_dir: str, model_bytes: int) -> None:

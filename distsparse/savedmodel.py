@@ -49,6 +49,17 @@ def save_model(accelerator, model, tokenizer, recipe, folder: Path, metadata: di
         save_file({k: v.detach().cpu().contiguous() for k, v in quant.items()}, str(folder / QUANT_FILE))
 
 
+def load_quantization(model: nn.Module, folder) -> None:
+    """The trained scales and zero points of a saved QAT model (its fake-quant modules already built)."""
+    from safetensors.torch import load_file
+
+    from .fake_quant import load_quant_state
+
+    path = Path(folder) / QUANT_FILE
+    if path.is_file():
+        load_quant_state(model, load_file(str(path)), where=str(path))
+
+
 def sparsity_report(model: nn.Module) -> dict:
     """Fraction of exact zeros in Linear weights: overall, and per kind of layer (attention, mlp, ...).
 

@@ -36,7 +36,7 @@ from .errors import UserError, run_command
 from .events import NO_DECAY, Event, State, fire
 from .fake_quant import fake_quants
 from .recipe import load_recipe
-from .savedmodel import save_model, sparsity_report
+from .savedmodel import RECIPE_FILE, load_quantization, save_model, sparsity_report
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
@@ -61,6 +61,7 @@ class Run:
     metrics_step: int | None = None
     log_history: list = field(default_factory=list)  # every logged row, kept across resumes
     tracking_ids: dict = field(default_factory=dict)  # the W&B run id, so a resume continues the run
+    best: tuple | None = None  # (metric, step, metrics) of the best evaluation, --load_best_model_at_end
     step_lr: float = 0.0  # the LR the current optimizer step uses (set at its BATCH_START)
     mid_step: bool = False  # inside a gradient accumulation
 
@@ -108,7 +109,10 @@ def setup(args: argparse.Namespace) -> Run:
     with accelerator.main_process_first():
         task = build_task(args, tokenizer)
     preflight.check_teacher_labels(args, task.num_labels)
-    recipe = load_recipe(args.recipe or DEFAULT_RECIPE, args.recipe_args)
+    evaluate_saved = not args.do_train and (Path(model_path) / RECIPE_FILE).is_file()
+    recipe = load_recipe(args.recipe or (Path(model_path) / RECIPE_FILE if evaluate_saved else DEFAULT_RECIPE),
+                         args.recipe_args)
+    say_recipe_overrides(args, recipe, accelerator)
     model = task.model_class.from_pretrained(model_path, **model_kwargs(task))
     teacher = launch.load_teacher(args, model, task.model_class, model_kwargs(task))
 
@@ -122,6 +126,8 @@ def setup(args: argparse.Namespace) -> Run:
     state = State(model=model, steps_per_epoch=steps_per_epoch, accelerator=accelerator)
     with distributed.full_parameters(model):  # ZeRO-3 loads partitioned (zero.Init): INIT sees whole weights
         fire(recipe.modifiers, Event.INIT, state)
+    if evaluate_saved:
+        load_quantization(model, model_path)  # the scales it trained with, not fresh observers
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     eval_loader = eval_loader and accelerator.prepare(eval_loader)
@@ -131,11 +137,22 @@ def setup(args: argparse.Namespace) -> Run:
               "total_steps": total_steps, "recipe_variables": recipe.variables}
     run = Run(args, accelerator, model, optimizer, train_loader, eval_loader, task, tokenizer, recipe, state,
               total_steps, config)
-    resume(run)
-    tracking.start(accelerator, args, config, recipe, run.tracking_ids)
-    fire(recipe.modifiers, Event.FIT_START, state)
-    model.train()
+    if args.do_train:
+        resume(run)
+        tracking.start(accelerator, args, config, recipe, run.tracking_ids)
+        fire(recipe.modifiers, Event.FIT_START, state)
+        model.train()
     return run
+
+
+def say_recipe_overrides(args, recipe, accelerator) -> None:
+    """One line for each flag the user gave that the recipe overrides: the recipe wins, as in SparseML."""
+    owners = {"learning_rate": ("LearningRateFunctionModifier", "SetLearningRateModifier"),
+              "weight_decay": ("SetWeightDecayModifier",), "num_train_epochs": ("EpochRangeModifier",)}
+    for flag, names in owners.items():
+        setter = next((m for m in recipe.modifiers if type(m).__name__ in names), None)
+        if flag in args.given and setter is not None:
+            accelerator.print(f"--{flag} {getattr(args, flag)}: the recipe's {type(setter).__name__} sets it instead")
 
 
 def model_kwargs(task) -> dict:
@@ -322,20 +339,32 @@ def evaluate_and_log(run: Run) -> dict:
     run.metrics = {f"eval/{k}": v for k, v in task_metrics(run.model, run.eval_loader, run.accelerator, run.task).items()}
     log(run, run.metrics)
     run.metrics_step = run.state.step
+    args = run.args
+    if args.load_best_model_at_end and run.state.epoch >= args.best_model_after_epoch:
+        name = f"eval/{args.metric_for_best_model or ('accuracy' if 'eval/accuracy' in run.metrics else next(iter(run.metrics))[5:])}"
+        if name not in run.metrics:
+            raise UserError(f"--metric_for_best_model {name[5:]}: not an eval metric ({', '.join(k[5:] for k in run.metrics)})")
+        greater = args.greater_is_better if args.greater_is_better is not None else not name.endswith("loss")
+        value = run.metrics[name]
+        if run.best is None or (value > run.best[0] if greater else value < run.best[0]):
+            run.best = (value, run.state.step, dict(run.metrics))
     return run.metrics
 
 
 @torch.no_grad()
 def task_metrics(model, loader, accelerator, task) -> dict:
     model.eval()
-    logits, labels = [], []
+    logits, labels, losses = [], [], []
     for batch in loader:
         out = model(**batch)
-        lg, lb = accelerator.gather_for_metrics((out.logits.float(), batch["labels"]))
+        rows = len(batch["labels"])
+        lg, lb, ls = accelerator.gather_for_metrics((out.logits.float(), batch["labels"], out.loss.float().repeat(rows)))
         logits.append(lg.cpu())
         labels.append(lb.cpu())
+        losses.append(ls.cpu())
     model.train()
-    return task.compute_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy())
+    metrics = task.compute_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy())
+    return {"loss": float(torch.cat(losses).mean()), **metrics}
 
 
 def check_ranks(run: Run) -> None:
@@ -362,29 +391,57 @@ def save_checkpoint(run: Run) -> Path:
             checkpoint.save_state(folder / checkpoint.TRAINING_STATE,
                                   {"progress": progress, "recipe": checkpoint.recipe_state(run.recipe)})
 
+    keep = run.best and Path(run.args.output_dir) / f"{checkpoint.CHECKPOINT_PREFIX}{run.best[1]}"
     path = checkpoint.save_checkpoint(run.accelerator, run.args.output_dir, run.state.step, write,
-                                      run.args.save_total_limit)
+                                      run.args.save_total_limit, keep=keep)
     run.accelerator.print(f"saved {path}")
     return path
 
 
 # -- the end ---------------------------------------------------------------------------------------------
 def finish(run: Run) -> dict:
-    """FIT_END, the final check and evaluation, the saved model and the summary; returns the metrics."""
+    """FIT_END and the final check (after training); the final evaluation; the saved model (the best
+    checkpoint's with --load_best_model_at_end); results files and the summary. Returns the metrics."""
     args, state, accelerator = run.args, run.state, run.accelerator
-    fire(run.recipe.modifiers, Event.FIT_END, state)
-    if args.check_rank_consistency == "end":  # "epoch" already checked at the last step
-        check_ranks(run)
-    if run.eval_loader and run.metrics_step != state.step:
+    if args.do_train:
+        fire(run.recipe.modifiers, Event.FIT_END, state)
+        if args.check_rank_consistency == "end":  # "epoch" already checked at the last step
+            check_ranks(run)
+    if run.eval_loader and args.do_eval and run.metrics_step != state.step:
         evaluate_and_log(run)
-    write_model(run, Path(args.output_dir))
+    out = Path(args.output_dir)
+    if args.do_train and run.best:
+        run.metrics = run.best[2]
+        if accelerator.is_main_process:
+            checkpoint.copy_model_files(out / f"{checkpoint.CHECKPOINT_PREFIX}{run.best[1]}", out)
+            accelerator.print(f"best model: step {run.best[1]} ({run.best[0]:.4f})")
+    elif args.do_train:
+        write_model(run, out)
     sparsity = sparsity_report(state.model)  # every rank: collective under ZeRO-3
     if accelerator.is_main_process:
-        (Path(args.output_dir) / "PREEMPTED").unlink(missing_ok=True)
+        (out / "PREEMPTED").unlink(missing_ok=True)
+        write_results(run, out)
         quantized = any(fq.enabled for _, fq in fake_quants(state.model))
         print(result_table(run.metrics, sparsity, quantized, args.output_dir))
     accelerator.end_training()
     return run.metrics
+
+
+def write_results(run: Run, out: Path) -> None:
+    """``train_results.json``, ``eval_results.json`` and ``all_results.json`` as HF's run_glue.py writes them."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    if run.args.do_train:
+        losses = [row["train/loss"] for row in run.log_history if "train/loss" in row]
+        results["train"] = {"epoch": run.state.epoch, "global_step": run.state.step,
+                            "train_loss": sum(losses) / len(losses) if losses else None,
+                            "train_samples": len(run.task.train)}
+    if run.args.do_eval and run.metrics:
+        results["eval"] = {"epoch": run.state.epoch, "eval_samples": len(run.task.eval),
+                           **{f"eval_{k[5:]}": v for k, v in run.metrics.items()}}
+    for kind, values in results.items():
+        checkpoint.write_json(out / f"{kind}_results.json", values)
+    checkpoint.write_json(out / "all_results.json", {k: v for values in results.values() for k, v in values.items()})
 
 
 def result_table(metrics: dict, sparsity: dict, quantized: bool, output_dir) -> str:
@@ -397,10 +454,10 @@ def result_table(metrics: dict, sparsity: dict, quantized: bool, output_dir) -> 
 
 def main(argv: list[str] | None = None) -> int:
     run = setup(parse_args(argv))
-    if train(run):
-        finish(run)
-    else:
+    if run.args.do_train and not train(run):  # preempted: checkpoint written, exit for requeue
         run.accelerator.end_training()
+        return 0
+    finish(run)
     return 0
 
 

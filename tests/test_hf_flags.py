@@ -1,0 +1,86 @@
+"""Hugging Face's and SparseML's command-line habits work unchanged: --do_train/--do_eval, --fp16 False,
+booleans as True/False, --distill_teacher, results files, --load_best_model_at_end, eval-only runs of
+a saved QAT model, and a line when the recipe overrides a flag the user gave."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import CONSTANT_PRUNING, small_recipe
+from distsparse.args import parse_args
+from distsparse.cli import main as cli
+from distsparse.errors import UserError
+
+QAT = small_recipe(CONSTANT_PRUNING, """
+quantization_modifiers:
+  - !QuantizationModifier
+    start_epoch: 0.0
+    submodules: [bert.encoder, classifier]
+""", num_epochs=3.0)
+
+
+def test_flags_parse_as_transformers_spells_them():
+    args = parse_args(["--do_train", "--do_eval", "--fp16", "False", "--overwrite_output_dir=True",
+                       "--distill_teacher", "t", "--bf16=true"])
+    assert args.do_train and args.do_eval and args.overwrite_output_dir and args.teacher == "t"
+    assert args.mixed_precision == "bf16" and not args.fp16
+    assert parse_args([]).do_train and parse_args([]).do_eval  # neither given: train, then evaluate
+    only_eval = parse_args(["--do_eval"])
+    assert only_eval.do_eval and not only_eval.do_train
+    assert parse_args(["--teacher", "self"]).teacher == "self" and parse_args([]).teacher == "disable"
+    with pytest.raises(UserError, match="disagree"):
+        parse_args(["--fp16", "--mixed_precision", "bf16"])
+    with pytest.raises(SystemExit):
+        parse_args(["--do_train", "maybe"])
+
+
+@pytest.fixture
+def job(tmp_path, tiny_model_dir):
+    rows = ["sentence,label"] + [f"sample {i} {'good fine great' if i % 2 else 'bad poor awful'} text,{i % 2}"
+                                 for i in range(48)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dev.csv").write_text("\n".join(rows[:21]) + "\n")
+    (tmp_path / "recipe.yaml").write_text(QAT)
+
+    def argv(out: str, *extra: str) -> list[str]:
+        return ["train", "--model_name_or_path", str(tiny_model_dir), "--recipe", str(tmp_path / "recipe.yaml"),
+                "--train_file", str(tmp_path / "train.csv"), "--validation_file", str(tmp_path / "dev.csv"),
+                "--output_dir", str(tmp_path / out), "--per_device_train_batch_size", "8",
+                "--max_seq_length", "32", "--logging_steps", "1", *extra]
+
+    return argv
+
+
+def test_results_files_best_model_and_eval_only(job, tmp_path, capsys):
+    assert cli(job("out", "--do_train", "--do_eval", "--fp16", "False", "--learning_rate", "0.01",
+                   "--load_best_model_at_end", "True", "--metric_for_best_model", "loss",
+                   "--save_total_limit", "1")) == 0
+    printed = capsys.readouterr().out
+    assert "--learning_rate 0.01: the recipe's LearningRateFunctionModifier sets it instead" in printed
+    out = tmp_path / "out"
+    state = json.loads((out / "trainer_state.json").read_text())
+    evals = {row["step"]: row["eval/loss"] for row in state["log_history"] if "eval/loss" in row}
+    assert sorted(evals) == [6, 12, 18]
+    best_step = min(evals, key=evals.get)
+    assert f"best model: step {best_step}" in printed
+    assert (out / f"checkpoint-{best_step}").is_dir()  # kept despite --save_total_limit 1
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == best_step  # its files were copied
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["eval_loss"] == pytest.approx(evals[best_step]) and results["eval_samples"] == 20
+    train_results = json.loads((out / "train_results.json").read_text())
+    assert train_results["global_step"] == 18 and train_results["train_samples"] == 48
+    assert json.loads((out / "all_results.json").read_text()) == {**train_results, **results}
+
+    # Eval only, on the saved QAT model: its own recipe and scales, the same numbers as at that step.
+    assert cli(["train", "--do_eval", "--model_name_or_path", str(out), *job("eval")[5:9],
+                "--output_dir", str(tmp_path / "eval"), "--max_seq_length", "32"]) == 0
+    again = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert again["eval_loss"] == pytest.approx(results["eval_loss"], abs=1e-5)
+    assert again["eval_accuracy"] == results["eval_accuracy"]
+    assert not (tmp_path / "eval" / "train_results.json").exists() and not (tmp_path / "eval" / "model.safetensors").exists()
+
+
+def test_best_model_needs_matching_strategies(job, capsys):
+    assert cli(job("x", "--load_best_model_at_end", "--save_strategy", "no")) == 2
+    assert "--load_best_model_at_end: needs --save_strategy equal to --eval_strategy" in capsys.readouterr().err
