@@ -94,7 +94,7 @@ def test_planted_pickle_never_runs(files, finished, tmp_path):
     names = sorted(str(p.relative_to(original)) for p in original.rglob("*") if p.is_file())
     assert "training_state/optimizer.bin" in names and "training_state/distsparse_state.json" in names
     for i, name in enumerate(names):
-        for forged in (False, True):
+        for forged in (False, True) if name != checkpoint.MANIFEST else (False,):
             ckpt = copy_checkpoint(original, tmp_path / f"c{i}{forged}")
             marker = tmp_path / f"ran-{i}-{forged}"
             torch.save({"state": Payload(marker)}, ckpt / name)  # a zip archive, like a real torch file
