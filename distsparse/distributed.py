@@ -170,9 +170,11 @@ def make_accelerator(args):
     from accelerate.utils import DeepSpeedPlugin
 
     from . import tracking
+    from .extras import require
 
     plugins = None
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        require("deepspeed", "deepspeed", "a DeepSpeed launch")
         from deepspeed.accelerator import get_accelerator
 
         if get_accelerator().device_name() == "cpu":  # DS_ACCELERATOR=cpu, or no GPU found

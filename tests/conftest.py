@@ -70,11 +70,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 def small_recipe(*blocks: str, num_epochs: float = 2.0, init_lr: float = 1e-3) -> str:
-    """recipes/dense.yaml's shape (epoch range, linear LR decay) with ``blocks`` of modifiers added.
+    """distsparse/recipes/dense.yaml's shape (epoch range, linear LR decay) with ``blocks`` of modifiers added.
 
     Each block is YAML for more top-level ``*_modifiers`` keys, e.g. CONSTANT_PRUNING below.
     """
-    text = (ROOT / "recipes" / "dense.yaml").read_text()
+    text = (ROOT / "distsparse" / "recipes" / "dense.yaml").read_text()
     text = text.replace("num_epochs: 3\n", f"num_epochs: {num_epochs}\n").replace("init_lr: 5.0e-5\n", f"init_lr: {init_lr}\n")
     return "\n".join([text, *blocks])
 

@@ -98,7 +98,7 @@ def test_per_tensor_modifiers_collapse_to_one_row(capsys):
 
 
 def test_recipe_args_change_the_timeline(capsys):
-    sst2 = ROOT / "recipes" / "sst2_sparse_transfer.yaml"
+    sst2 = ROOT / "distsparse" / "recipes" / "sst2_sparse_transfer.yaml"
     assert main(["recipe", "check", str(sst2), "--recipe_args", "num_epochs=20,qat_epochs=5"]) == 0
     out = capsys.readouterr().out
     at(rows(out), 1500, "QAT starts")

@@ -17,7 +17,7 @@ SST2 = SPARSEML / "neuralmagic+sparseml__tutorial-sentiment-analysis-cli__sst2_p
 MNLI = SPARSEML / "neuralmagic+sparseml__tutorial-text-classification-cli__mnli_pruned90_quant.yaml"
 BERT_BASE = SPARSEML / "neuralmagic+sparseml_at_92ff434-parent__hf-recipes__bert-base-12layers_prune_quant90.yaml"
 PER_TENSOR = SPARSEML / "neuralmagic+sparseml_at_403e650-parent__hf-recipes__90sparsity10epochs.yaml"
-ALL_RECIPES = sorted(SPARSEML.glob("*.yaml")) + sorted((ROOT / "recipes").glob("*.yaml"))
+ALL_RECIPES = sorted(SPARSEML.glob("*.yaml")) + sorted((ROOT / "distsparse" / "recipes").glob("*.yaml"))
 
 
 def names(recipe):
@@ -126,7 +126,7 @@ def test_recipe_args_forms(recipe_args):
 
 
 def test_recipe_args_flow_into_derived_variables():
-    sst2 = ROOT / "recipes" / "sst2_sparse_transfer.yaml"
+    sst2 = ROOT / "distsparse" / "recipes" / "sst2_sparse_transfer.yaml"
     base, longer = load_recipe(sst2), load_recipe(sst2, "num_epochs=16,qat_epochs=4")
     assert (base.variables["qat_start_epoch"], base.variables["observer_freeze_epoch"]) == (7, 9)
     assert (longer.variables["qat_start_epoch"], longer.variables["observer_freeze_epoch"]) == (12, 15)
@@ -292,7 +292,7 @@ def test_list_keys_take_one_name_and_none_stays_none():
     assert recipe.modifiers[0].teacher_input_keys is None
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "distsparse" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_our_recipes_select_what_their_headers_say(path, tiny_model):
     from distsparse.params import select_params
 
