@@ -8,7 +8,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import ROOT, SHARED
+from conftest import FIXTURES, ROOT
 from test_recipe_loader import ALL_RECIPES, BERT_BASE, PER_TENSOR, SST2, seed_card
 
 from distsparse.cli import main
@@ -140,5 +140,5 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["recipe", "lint", str(SST2)])
     assert exit_.value.code == 2
-    assert main(["recipe", "check", str(SHARED / "no-such-recipe.yaml")]) == 2
+    assert main(["recipe", "check", str(FIXTURES / "no-such-recipe.yaml")]) == 2
     assert "cannot read the recipe" in capsys.readouterr().err

@@ -6,17 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SHARED
+from conftest import FIXTURES, ROOT, SHARED, requires_shared
 
 from distsparse.errors import RecipeError
 from distsparse.modifiers import MODIFIERS
 from distsparse.recipe import load_recipe, parse_recipe_args
 
-SPARSEML = SHARED / "recipes-sparseml"
+SPARSEML = FIXTURES / "sparseml_recipes"
 SST2 = SPARSEML / "neuralmagic+sparseml__tutorial-sentiment-analysis-cli__sst2_pruned90_quant.yaml"
 MNLI = SPARSEML / "neuralmagic+sparseml__tutorial-text-classification-cli__mnli_pruned90_quant.yaml"
 BERT_BASE = SPARSEML / "neuralmagic+sparseml_at_92ff434-parent__hf-recipes__bert-base-12layers_prune_quant90.yaml"
 PER_TENSOR = SPARSEML / "neuralmagic+sparseml_at_403e650-parent__hf-recipes__90sparsity10epochs.yaml"
+SEED_RECIPE = FIXTURES / "seed_recipe.yaml"
 ALL_RECIPES = sorted(SPARSEML.glob("*.yaml")) + sorted((ROOT / "distsparse" / "recipes").glob("*.yaml"))
 
 
@@ -26,11 +27,18 @@ def names(recipe):
 
 def seed_card(tmp_path: Path) -> Path:
     """The seed document's recipe as a SparseML recipe card: prose, then the YAML between ---."""
-    seed = next((SHARED / "seed").glob("*.txt")).read_text()
-    yaml_text = re.search(r"```yaml\n(.*?)```", seed, re.S)[1]
     card = tmp_path / "card.md"
-    card.write_text(f"---\n{yaml_text}---\n\n# SST-2 sparse transfer\n\nProse after the recipe.\n")
+    card.write_text(f"---\n{SEED_RECIPE.read_text()}---\n\n# SST-2 sparse transfer\n\nProse after the recipe.\n")
     return card
+
+
+@requires_shared
+def test_fixtures_are_the_shared_originals():
+    """The shipped copies are SparseML's files unchanged, and the seed recipe is the seed's YAML block."""
+    for original in sorted((SHARED / "recipes-sparseml").glob("*.yaml")):
+        assert (SPARSEML / original.name).read_bytes() == original.read_bytes(), original.name
+    seed = next((SHARED / "seed").glob("*.txt")).read_text()
+    assert SEED_RECIPE.read_text() == re.search(r"```yaml\n(.*?)```", seed, re.S)[1]
 
 
 def test_sst2_recipe_values():

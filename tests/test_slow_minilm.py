@@ -17,9 +17,9 @@ import onnxruntime
 import pytest
 import torch
 
-from conftest import SHARED
+from conftest import SHARED, requires_shared
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, requires_shared]
 
 
 def dev_set():
