@@ -2,15 +2,21 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# torch is installed first, so the package's torch range is already met and pip keeps it. The
+# version below is the CPU build on this project's machines (their pip finds it locally); elsewhere
+# add TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build, or TORCH= to keep pip's choice.
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow
+.PHONY: setup demo test test-slow wheel-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(if $(TORCH),$(PY) -m pip install -q '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)))
+	$(PY) -m pip install -q -e '.[all,test]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -24,3 +30,7 @@ test: setup
 
 test-slow: setup
 	DISTSPARSE_SLOW=1 $(PY) -m pytest -q -ra -m slow
+
+# The built wheel, installed with [all] into a fresh venv, runs from outside the repository.
+wheel-check:
+	PYTHON=$(PYTHON) TORCH='$(TORCH)' TORCH_INDEX='$(TORCH_INDEX)' bash .ci/wheel_check

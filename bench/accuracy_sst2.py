@@ -2,7 +2,7 @@
 
 Every run is ``distsparse train`` in a subprocess (as a user runs it) on the first ``--train_rows``
 rows of SST-2 train, MiniLM-L6, evaluated on all 872 dev rows with the trained model as saved
-(fake-quantized int8 for QAT runs). Sparse runs use recipes/gmp80_qat.yaml and gmp90_qat.yaml
+(fake-quantized int8 for QAT runs). Sparse runs use distsparse/recipes/gmp80_qat.yaml and gmp90_qat.yaml
 with their epochs scaled by --recipe_args to fit ``--epochs``; the ``_kd`` runs distill from the
 dense run's model (``--teacher``). Sparsity is counted in the saved weights.
 

@@ -21,14 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SHARED = ROOT.parent / "shared"
 SST2 = SHARED / "data" / "sst2"
-RECIPES = ROOT / "recipes"
-# The encoder's linear weights, as recipes/gmp80_qat.yaml prunes them.
+RECIPES = ROOT / "distsparse" / "recipes"
+# The encoder's linear weights, as distsparse/recipes/gmp80_qat.yaml prunes them.
 ENCODER_LINEARS = [
     r"re:bert\.encoder\.layer\.\d+\.attention\.self\.(query|key|value)\.weight",
     r"re:bert\.encoder\.layer\.\d+\.attention\.output\.dense\.weight",
     r"re:bert\.encoder\.layer\.\d+\.(intermediate|output)\.dense\.weight",
 ]
-# QuantizationModifier settings of recipes/gmp80_qat.yaml.
+# QuantizationModifier settings of distsparse/recipes/gmp80_qat.yaml.
 QAT_YAML = """
   - !QuantizationModifier
     start_epoch: 0.0

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:  # long: one line per flag, group
     g.add_argument("--model_name_or_path", default=None, help="HF model dir or Hub name (default: the bundled MiniLM-L6)")
     g.add_argument("--tokenizer_name", default=None, help="defaults to --model_name_or_path")
     g.add_argument("--teacher", default="disable", help="teacher model path or Hub name, 'self' (a frozen copy of the start model) or 'disable'")
-    g.add_argument("--recipe", default=None, help="recipe YAML / recipe card (default: recipes/default.yaml shipped with distsparse)")
+    g.add_argument("--recipe", default=None, help="recipe YAML / recipe card (default: distsparse/recipes/default.yaml, shipped in the package)")
     g.add_argument("--recipe_args", default=None, help="override recipe variables: JSON or k=v,k2=v2")
     g = p.add_argument_group("data")
     g.add_argument("--task", default="text-classification")

@@ -21,15 +21,19 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from .errors import UserError
+from .extras import require
 from .fake_quant import (ActivationFakeQuant, QuantEmbedding, QuantLinear, fake_quants, freeze_,
                          load_quant_state)
 from .savedmodel import QUANT_FILE, RECIPE_FILE
+
+# Checked on import, so `distsparse export` says what is missing before it loads a model.
+onnx = require("onnx", "export", "distsparse export")
+ort = require("onnxruntime", "export", "distsparse export")
+numpy_helper = onnx.numpy_helper
 
 TASKS = ("text-classification", "multi-label-classification", "token-classification")
 PREFIX = "model."  # the wrapper's attribute: ONNX initializers are named "model.<parameter name>"
@@ -415,8 +419,6 @@ def _check_pair(g: _Graph, q, dq, fq: ActivationFakeQuant, where: str) -> None:
 
 
 def check_outputs(path: Path, model: nn.Module, samples: dict[str, torch.Tensor], atol: float) -> dict:
-    import onnxruntime as ort
-
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {k: v.numpy() for k, v in samples.items()})[0]
     with torch.no_grad():

@@ -7,15 +7,12 @@ never see ``wandb.config``: all they need comes from the command line (a sweep a
 """
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
-from .errors import UserError
+from .extras import require
 from .savedmodel import RECIPE_FILE
 
-# Accelerate silently drops a tracker whose package is missing; we would rather say so at start.
-MODULES = {"wandb": "wandb", "tensorboard": "torch.utils.tensorboard"}
 RUN_ID = "wandb_run_id"
 
 
@@ -23,11 +20,8 @@ def log_with(report_to: str) -> str | None:
     """``Accelerator(log_with=...)`` for ``--report_to``; fails before any data or model is loaded."""
     if report_to == "none":
         return None
-    try:
-        importlib.import_module(MODULES[report_to])
-    except ImportError:
-        raise UserError(f"--report_to {report_to}: the {report_to} package is not installed "
-                        f"(pip install {report_to}, or pass --report_to none)") from None
+    # Accelerate silently drops a tracker whose package is missing; we would rather say so at start.
+    require(report_to, report_to, f"--report_to {report_to}")
     return report_to
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import SHARED, tiny_bert
+from conftest import FIXTURES, tiny_bert
 from distsparse import distributed
 from distsparse.errors import RecipeError, UserError
 from distsparse.events import Event, State, fire
@@ -17,7 +17,7 @@ from distsparse.fake_quant import (ActivationFakeQuant, QuantEmbedding, QuantLin
 from distsparse.modifiers.quantization import QuantizationModifier
 from distsparse.recipe import load_recipe
 
-SST2 = SHARED / "recipes-sparseml/neuralmagic+sparseml__tutorial-sentiment-analysis-cli__sst2_pruned90_quant.yaml"
+SST2 = FIXTURES / "sparseml_recipes/neuralmagic+sparseml__tutorial-sentiment-analysis-cli__sst2_pruned90_quant.yaml"
 
 
 def sst2_block(**overrides) -> QuantizationModifier:

@@ -8,7 +8,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import ROOT, SHARED
+from conftest import FIXTURES, ROOT
 from test_recipe_loader import ALL_RECIPES, BERT_BASE, PER_TENSOR, SST2, seed_card
 
 from distsparse.cli import main
@@ -98,7 +98,7 @@ def test_per_tensor_modifiers_collapse_to_one_row(capsys):
 
 
 def test_recipe_args_change_the_timeline(capsys):
-    sst2 = ROOT / "recipes" / "sst2_sparse_transfer.yaml"
+    sst2 = ROOT / "distsparse" / "recipes" / "sst2_sparse_transfer.yaml"
     assert main(["recipe", "check", str(sst2), "--recipe_args", "num_epochs=20,qat_epochs=5"]) == 0
     out = capsys.readouterr().out
     at(rows(out), 1500, "QAT starts")
@@ -140,5 +140,5 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["recipe", "lint", str(SST2)])
     assert exit_.value.code == 2
-    assert main(["recipe", "check", str(SHARED / "no-such-recipe.yaml")]) == 2
+    assert main(["recipe", "check", str(FIXTURES / "no-such-recipe.yaml")]) == 2
     assert "cannot read the recipe" in capsys.readouterr().err

@@ -6,18 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SHARED
+from conftest import FIXTURES, ROOT, SHARED, requires_shared
 
 from distsparse.errors import RecipeError
 from distsparse.modifiers import MODIFIERS
 from distsparse.recipe import load_recipe, parse_recipe_args
 
-SPARSEML = SHARED / "recipes-sparseml"
+SPARSEML = FIXTURES / "sparseml_recipes"
 SST2 = SPARSEML / "neuralmagic+sparseml__tutorial-sentiment-analysis-cli__sst2_pruned90_quant.yaml"
 MNLI = SPARSEML / "neuralmagic+sparseml__tutorial-text-classification-cli__mnli_pruned90_quant.yaml"
 BERT_BASE = SPARSEML / "neuralmagic+sparseml_at_92ff434-parent__hf-recipes__bert-base-12layers_prune_quant90.yaml"
 PER_TENSOR = SPARSEML / "neuralmagic+sparseml_at_403e650-parent__hf-recipes__90sparsity10epochs.yaml"
-ALL_RECIPES = sorted(SPARSEML.glob("*.yaml")) + sorted((ROOT / "recipes").glob("*.yaml"))
+SEED_RECIPE = FIXTURES / "seed_recipe.yaml"
+ALL_RECIPES = sorted(SPARSEML.glob("*.yaml")) + sorted((ROOT / "distsparse" / "recipes").glob("*.yaml"))
 
 
 def names(recipe):
@@ -26,11 +27,18 @@ def names(recipe):
 
 def seed_card(tmp_path: Path) -> Path:
     """The seed document's recipe as a SparseML recipe card: prose, then the YAML between ---."""
-    seed = next((SHARED / "seed").glob("*.txt")).read_text()
-    yaml_text = re.search(r"```yaml\n(.*?)```", seed, re.S)[1]
     card = tmp_path / "card.md"
-    card.write_text(f"---\n{yaml_text}---\n\n# SST-2 sparse transfer\n\nProse after the recipe.\n")
+    card.write_text(f"---\n{SEED_RECIPE.read_text()}---\n\n# SST-2 sparse transfer\n\nProse after the recipe.\n")
     return card
+
+
+@requires_shared
+def test_fixtures_are_the_shared_originals():
+    """The shipped copies are SparseML's files unchanged, and the seed recipe is the seed's YAML block."""
+    for original in sorted((SHARED / "recipes-sparseml").glob("*.yaml")):
+        assert (SPARSEML / original.name).read_bytes() == original.read_bytes(), original.name
+    seed = next((SHARED / "seed").glob("*.txt")).read_text()
+    assert SEED_RECIPE.read_text() == re.search(r"```yaml\n(.*?)```", seed, re.S)[1]
 
 
 def test_sst2_recipe_values():
@@ -126,7 +134,7 @@ def test_recipe_args_forms(recipe_args):
 
 
 def test_recipe_args_flow_into_derived_variables():
-    sst2 = ROOT / "recipes" / "sst2_sparse_transfer.yaml"
+    sst2 = ROOT / "distsparse" / "recipes" / "sst2_sparse_transfer.yaml"
     base, longer = load_recipe(sst2), load_recipe(sst2, "num_epochs=16,qat_epochs=4")
     assert (base.variables["qat_start_epoch"], base.variables["observer_freeze_epoch"]) == (7, 9)
     assert (longer.variables["qat_start_epoch"], longer.variables["observer_freeze_epoch"]) == (12, 15)
@@ -292,7 +300,7 @@ def test_list_keys_take_one_name_and_none_stays_none():
     assert recipe.modifiers[0].teacher_input_keys is None
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "distsparse" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_our_recipes_select_what_their_headers_say(path, tiny_model):
     from distsparse.params import select_params
 

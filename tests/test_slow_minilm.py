@@ -3,7 +3,7 @@
 onnxruntime's accuracy on the full SST-2 dev set (872 rows) must be within 0.5 points of the
 PyTorch fake-quant model's. ``DISTSPARSE_MINILM_MODEL`` may name a folder ``distsparse train``
 already wrote (e.g. benchmark 3's gmp80_qat run); otherwise the default job (MiniLM, bundled
-SST-2 sample, recipes/default.yaml) is trained first, a few minutes on 2 cores.
+SST-2 sample, distsparse/recipes/default.yaml) is trained first, a few minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import onnxruntime
 import pytest
 import torch
 
-from conftest import SHARED
+from conftest import SHARED, requires_shared
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, requires_shared]
 
 
 def dev_set():

@@ -20,7 +20,7 @@ from distsparse.recipe import load_recipe
 
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 PREFIX = "recipe."
-# Where recipes/sst2_sparse_transfer.yaml puts each swept variable: (modifier, key).
+# Where distsparse/recipes/sst2_sparse_transfer.yaml puts each swept variable: (modifier, key).
 USED_BY = {"init_lr": ("LearningRateFunctionModifier", "init_lr"),
            "distill_hardness": ("DistillationModifier", "hardness"),
            "distill_temperature": ("DistillationModifier", "temperature"),

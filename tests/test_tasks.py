@@ -1,7 +1,8 @@
 """Tasks beyond single-sentence classification: NER (CoNLL), multi-label, GLUE sentence pairs.
 
-Data checks use the real MiniLM tokenizer; the training runs use a tiny BERT on a few hundred rows
-of the shared CoNLL-2003 and MRPC files (read in place, never copied) and a generated multi-label set.
+Data checks use the real MiniLM tokenizer; the training runs use a tiny BERT on a few hundred rows of
+synthetic files in CoNLL-2003's and MRPC's layouts (tests/fixtures), again on the real CoNLL-2003 and
+MRPC files where ../shared exists (read in place, never copied), and on a generated multi-label set.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from conftest import CONSTANT_PRUNING, SHARED, minilm_dir, small_recipe, tiny_bert
+from conftest import CONSTANT_PRUNING, FIXTURES, SHARED, minilm_dir, requires_shared, small_recipe, tiny_bert
 from torch.utils.data import DataLoader
 from transformers import AutoModelForTokenClassification, AutoTokenizer, BertForTokenClassification
 
@@ -28,6 +29,10 @@ from distsparse.modifiers.distillation import DistillationModifier, distillation
 
 DATA = SHARED / "data"
 CONLL = DATA / "conll2003"
+# Folders of train/valid (NER) or train/dev (GLUE) files: the synthetic fixture, then the real set.
+NER = [pytest.param(FIXTURES / "ner", id="synthetic"), pytest.param(CONLL, marks=requires_shared, id="conll2003")]
+MRPC = [pytest.param(FIXTURES / "paraphrase", id="synthetic"), pytest.param(DATA / "mrpc", marks=requires_shared, id="mrpc")]
+RTE = [pytest.param(FIXTURES / "entailment", id="synthetic"), pytest.param(DATA / "rte", marks=requires_shared, id="rte")]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +60,7 @@ def test_read_conll_layout(tmp_path):
     assert ds["ner_tags"] == [["B-ORG", "O"], ["B-MISC"], ["B-PER"]]
 
 
+@requires_shared
 def test_read_conll2003_valid_counts():
     """The counts CoNLL-2003's SOURCE.txt gives (HF's split size; the paper's entity counts)."""
     ds = read_file(CONLL / "valid.txt")
@@ -148,7 +154,7 @@ def test_token_task_needs_data(tokenizer):
 
 def test_distillation_on_token_batches(tokenizer):
     """The DistillationModifier's KD on [B, L, C] logits counts only labelled tokens of our batches."""
-    t = task(tokenizer, "--task", "token-classification", "--train_file", str(CONLL / "valid.txt"),
+    t = task(tokenizer, "--task", "token-classification", "--train_file", str(FIXTURES / "ner" / "valid.txt"),
              "--max_train_samples", "8")
     batch = t.collator([t.train[i] for i in range(8)])
     assert (batch["labels"] == -100).any(dim=1).all()  # special tokens at least; padding, sub-tokens
@@ -176,12 +182,13 @@ def glue_rows(path):
         return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
-def test_mrpc_columns(tokenizer):
-    t = task(tokenizer, "--train_file", str(DATA / "mrpc/train.tsv"), "--validation_file", str(DATA / "mrpc/dev.tsv"),
+@pytest.mark.parametrize("folder", MRPC)
+def test_mrpc_columns(tokenizer, folder):
+    t = task(tokenizer, "--train_file", str(folder / "train.tsv"), "--validation_file", str(folder / "dev.tsv"),
              "--input_column_names", "#1 String,#2 String", "--label_column_name", "Quality",
              "--max_train_samples", "100")
-    rows = glue_rows(DATA / "mrpc/train.tsv")[:100]
-    assert t.label_list == ["0", "1"] and len(t.eval) == 408
+    rows = glue_rows(folder / "train.tsv")[:100]
+    assert t.label_list == ["0", "1"] and len(t.eval) == len(glue_rows(folder / "dev.tsv"))
     assert t.train["labels"] == [int(r["Quality"]) for r in rows]
     first = t.train[0]
     assert 1 in first["token_type_ids"]  # encoded as a pair
@@ -190,10 +197,11 @@ def test_mrpc_columns(tokenizer):
     assert set(t.compute_metrics(np.eye(2)[[0, 1]], np.array([0, 1]))) == {"accuracy", "f1"}
 
 
-def test_rte_string_labels(tokenizer):
-    t = task(tokenizer, "--train_file", str(DATA / "rte/train.tsv"), "--validation_file", str(DATA / "rte/dev.tsv"),
+@pytest.mark.parametrize("folder", RTE)
+def test_rte_string_labels(tokenizer, folder):
+    t = task(tokenizer, "--train_file", str(folder / "train.tsv"), "--validation_file", str(folder / "dev.tsv"),
              "--max_train_samples", "50")
-    rows = glue_rows(DATA / "rte/train.tsv")[:50]
+    rows = glue_rows(folder / "train.tsv")[:50]
     assert t.label_list == ["entailment", "not_entailment"]
     assert t.train["labels"] == [t.label_list.index(r["label"]) for r in rows]
 
@@ -206,8 +214,8 @@ def test_text_row_without_label(tokenizer, tmp_path):
 
 
 def test_pair_missing_column_names_file(tokenizer):
-    with pytest.raises(DataError, match=r"mrpc/train.tsv: missing column '#3 String'"):
-        task(tokenizer, "--train_file", str(DATA / "mrpc/train.tsv"), "--input_column_names", "#1 String,#3 String",
+    with pytest.raises(DataError, match=r"paraphrase/train.tsv: missing column '#3 String'"):
+        task(tokenizer, "--train_file", str(FIXTURES / "paraphrase/train.tsv"), "--input_column_names", "#1 String,#3 String",
              "--label_column_name", "Quality")
 
 
@@ -296,10 +304,11 @@ def train_and_recompute(tmp_path, capsys, num_labels: int, *argv):
     return logged, recomputed, log, batch, logits
 
 
-def test_train_ner_conll2003_and_export(tmp_path, capsys):
+@pytest.mark.parametrize("folder", NER)
+def test_train_ner_conll2003_and_export(tmp_path, capsys, folder):
     logged, recomputed, log, batch, logits = train_and_recompute(
-        tmp_path, capsys, 9, "--task", "token-classification", "--train_file", str(CONLL / "train.txt"),
-        "--validation_file", str(CONLL / "valid.txt"), "--max_train_samples", "300", "--max_eval_samples", "100")
+        tmp_path, capsys, 9, "--task", "token-classification", "--train_file", str(folder / "train.txt"),
+        "--validation_file", str(folder / "valid.txt"), "--max_train_samples", "300", "--max_eval_samples", "100")
     assert "eval/f1=" in log and "eval/precision=" in log and "eval/PER_f1=" in log
     assert logged == pytest.approx(recomputed, abs=1e-5)
     assert 0.5 < logged["eval/accuracy"] <= 1 and 0.05 < logged["eval/f1"] <= 1  # some entities found
@@ -313,10 +322,11 @@ def test_train_ner_conll2003_and_export(tmp_path, capsys):
     assert onnx_logits.shape == logits.shape and np.abs(onnx_logits - logits).max() < 1e-4
 
 
-def test_train_mrpc(tmp_path, capsys):
+@pytest.mark.parametrize("folder", MRPC)
+def test_train_mrpc(tmp_path, capsys, folder):
     logged, recomputed, log, _, _ = train_and_recompute(
-        tmp_path, capsys, 2, "--train_file", str(DATA / "mrpc/train.tsv"), "--validation_file",
-        str(DATA / "mrpc/dev.tsv"), "--input_column_names", "#1 String,#2 String", "--label_column_name", "Quality",
+        tmp_path, capsys, 2, "--train_file", str(folder / "train.tsv"), "--validation_file",
+        str(folder / "dev.tsv"), "--input_column_names", "#1 String,#2 String", "--label_column_name", "Quality",
         "--max_train_samples", "200", "--max_eval_samples", "100")
     assert "eval/accuracy=" in log and "eval/f1=" in log
     assert logged == pytest.approx(recomputed, abs=1e-5)
