@@ -181,7 +181,7 @@ def test_long_values_are_cut_in_messages():
     with pytest.raises(RecipeError) as err:
         load_recipe("x: [" + ", ".join(["word"] * 20_000) + "]\ny: eval(x + 1)\nmodifiers: []\n")
     assert str(err.value) == ("<string>:2: y: variable 'x' is not a number: ['word', 'word', 'word', 'word', "
-                              "'word',... (159998 characters)")
+                              "'word',... (160000 characters)")
 
 
 @pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.name)
