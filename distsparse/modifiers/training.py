@@ -33,7 +33,13 @@ def _groups(modifier: Modifier, optimizer, indices: list[int] | None) -> list[di
 @register
 @dataclass(kw_only=True)
 class EpochRangeModifier(Modifier):
-    """How long training runs; the loop reads ``recipe.num_epochs`` (the largest end_epoch)."""
+    """How long training runs; the loop reads ``recipe.num_epochs`` (the largest end_epoch).
+
+    end_epoch must be set and after start_epoch: a range of no epochs would leave the length to the
+    loop's default, which the recipe never asked for. EpochRangeModifiers that overlap must be
+    identical (``check_epoch_ranges``): identical copies are allowed, since a recipe that lists one
+    per modifier group means one range; disjoint ones are the stages of a staged recipe.
+    """
 
     def timeline(self, steps_per_epoch: int) -> list[tuple[int, str]]:
         points = [(self.start_step(steps_per_epoch), "EpochRangeModifier: training starts")]
@@ -41,6 +47,31 @@ class EpochRangeModifier(Modifier):
         if end is not None:
             points.append((end, f"EpochRangeModifier: training ends after epoch {_num(self.end_epoch)}"))
         return points
+
+    def validate(self) -> None:
+        super().validate()
+        if self.end_epoch <= max(self.start_epoch, 0):
+            self.fail("end_epoch", f"{_num(self.end_epoch)}: must be set and after start_epoch "
+                                   f"{_num(self.start_epoch)} (it is how long training runs)")
+
+
+def check_epoch_ranges(modifiers: list[Modifier]) -> None:
+    """Refuse EpochRangeModifiers that overlap with different ranges: the loop runs one length, and
+    taking the largest end would silently ignore the others. Disjoint ranges are the stages of a
+    staged recipe (as ``Recipe.to_yaml`` writes one); identical copies are one range."""
+    ranges: dict[tuple[float, float], Modifier] = {}
+    for modifier in modifiers:
+        if isinstance(modifier, EpochRangeModifier):  # -1: from the start
+            ranges.setdefault((max(modifier.start_epoch, 0), modifier.end_epoch), modifier)
+    latest = None  # (range, modifier) of the range seen so far that ends last
+    for (start, end), modifier in sorted(ranges.items(), key=lambda item: item[0]):
+        if latest and start < latest[0][1]:
+            (other_start, other_end), other = latest
+            modifier.fail("end_epoch" if start == other_start else "start_epoch",
+                          f"epochs {_num(start)}-{_num(end)} overlap epochs {_num(other_start)}-{_num(other_end)} "
+                          f"of the EpochRangeModifier at {other.where.split()[0]}; a recipe trains for one range")
+        if latest is None or end > latest[0][1]:
+            latest = ((start, end), modifier)
 
 
 @register

@@ -12,6 +12,8 @@ import dataclasses
 from ..modifiers.base import Modifier
 from .loader import Recipe, load_recipe
 
+MAX_STEPS_PER_EPOCH = 10**6  # SST-2 at batch 1 has 67k; times MAX_EPOCHS it stays an exact float
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="distsparse recipe",
@@ -89,6 +91,6 @@ def _qat(recipe: Recipe, steps_per_epoch: int, total: int) -> str:
 
 def _positive_int(text: str) -> int:
     value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of steps")
+    if not 0 < value <= MAX_STEPS_PER_EPOCH:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of steps from 1 to {MAX_STEPS_PER_EPOCH}")
     return value

@@ -12,6 +12,7 @@ import operator
 from typing import Any, Callable
 
 from ..errors import RecipeError
+from .yaml_io import brief
 
 BINARY = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -76,7 +77,7 @@ def _compute(node: ast.AST, lookup):
     if isinstance(node, ast.Name):
         value = lookup(node.id)
         if not is_number(value):
-            raise EvalError(f"variable {node.id!r} is not a number: {value!r}")
+            raise EvalError(f"variable {node.id!r} is not a number: {brief(value)}")
         return _bounded(value)
     if isinstance(node, ast.UnaryOp):
         return _bounded(UNARY[type(node.op)](_compute(node.operand, lookup)))

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,14 +20,17 @@ from typing import Any, Union
 
 from ..errors import RecipeError
 from ..modifiers import MODIFIERS, Modifier  # the package imports every family: the registry is full
+from ..modifiers.training import check_epoch_ranges
 from . import yaml_io
 from .evaluate import EvalError, is_number
 from .variables import Scope
-from .yaml_io import Map, Tagged
+from .yaml_io import Map, Tagged, brief
 
 SUFFIXES = (".yaml", ".yml", ".md")
 RUN_TO_END = {"QuantizationModifier"}
 METADATA = "metadata"  # written by Recipe.to_yaml; kept as data, never a variable
+# More than any fine-tuning recipe: keeps epochs x steps far from float overflow and timelines small.
+MAX_EPOCHS = 10_000
 
 
 @dataclass
@@ -100,6 +104,7 @@ def load_recipe(source, recipe_args=None) -> Recipe:
     for stage_modifiers in stages:
         for modifier in stage_modifiers:
             modifier.validate()
+    check_epoch_ranges([m for s in stages for m in s])
     return Recipe(
         modifiers=[m for s in stages for m in s],
         variables={k: top.get(k) for k in top.raw},
@@ -114,13 +119,18 @@ def parse_recipe_args(recipe_args) -> dict:
     if isinstance(recipe_args, dict):
         return dict(recipe_args)
     text = str(recipe_args).strip()
+    yaml_io.check_size(len(text), "recipe_args")
     if text.startswith("{"):
         try:
             parsed = json.loads(text)
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # JSONDecodeError, or an int of more than 4300 digits
             raise RecipeError(f"recipe_args: not valid JSON: {err}") from None
+        except RecursionError:
+            raise RecipeError("recipe_args: JSON nested too deeply") from None
         if not isinstance(parsed, dict):
             raise RecipeError("recipe_args: JSON must be an object of variable names to values")
+        for key, value in parsed.items():
+            _check_nesting(value, f"recipe_args: {key}")
         return parsed
     parsed = {}
     for item in text.split(","):
@@ -129,7 +139,7 @@ def parse_recipe_args(recipe_args) -> dict:
             raise RecipeError(f"recipe_args: {item.strip()!r} is not key=value")
         scalar = yaml_io.parse(value.strip(), "recipe_args")
         if isinstance(scalar, (Tagged, dict, list)):
-            raise RecipeError(f"recipe_args: {key.strip()}: give a number or a string, not {value!r}")
+            raise RecipeError(f"recipe_args: {key.strip()}: give a number or a string, not {brief(value)}")
         parsed[key.strip()] = scalar
     return parsed
 
@@ -145,7 +155,10 @@ def _read(source) -> tuple[str, str]:
         return str(source), "<string>"
     path = Path(source)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(yaml_io.MAX_BYTES + 1)  # no more: the file may be endless
+        yaml_io.check_size(len(data), str(path))
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: cannot read the recipe: {getattr(err, 'strerror', None) or err}") from None
     return (_card_yaml(text, str(path)) if path.suffix.lower() == ".md" else text), str(path)
@@ -185,7 +198,7 @@ def _scope(level: Map, name: str, overrides: dict, parent: Scope | None) -> Scop
 def _build(entry, scope: Scope, name: str, group: str, group_line: int) -> Modifier:
     if not isinstance(entry, Tagged):
         raise RecipeError(f"{name}:{group_line}: {group}: each entry must be a !ModifierName "
-                          f"mapping, got {entry!r}")
+                          f"mapping, got {brief(entry)}")
     where = f"{name}:{entry.line} {entry.name}"
     cls = MODIFIERS.get(entry.name)
     if cls is None:
@@ -202,10 +215,15 @@ def _build(entry, scope: Scope, name: str, group: str, group_line: int) -> Modif
             value = scope.resolve(raw)
         except EvalError as err:
             raise RecipeError(f"{at}: {key}: {err}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"{at}: {key}: {value} is not a finite number")
         try:
             kwargs[key] = _coerce(value, hints.get(key, Any))
         except _Mismatch:
-            raise RecipeError(f"{at}: {key}: expected {_type_name(hints[key])}, got {value!r}") from None
+            raise RecipeError(f"{at}: {key}: expected {_type_name(hints[key])}, got {brief(value)}") from None
+        if _in_epochs(key) and is_number(kwargs[key]) and kwargs[key] != -1 and not 0 <= kwargs[key] <= MAX_EPOCHS:
+            raise RecipeError(f"{at}: {key}: {kwargs[key]} is not an epoch: -1 (from the start / never) "
+                              f"or 0 to {MAX_EPOCHS}")
     missing = [k for k, f in fields.items() if k not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -238,11 +256,11 @@ def _coerce(value, hint):
             return bool(value)  # SparseML recipes write flags as 0/1
         raise _Mismatch
     if hint is int:
-        if is_number(value) and float(value).is_integer():
+        if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer():
             return int(value)
         raise _Mismatch
     if hint is float:
-        if is_number(value):
+        if is_number(value) and abs(value) <= sys.float_info.max:  # not nan, inf, or an int beyond floats
             return float(value)
         raise _Mismatch
     if hint is str:
@@ -259,6 +277,23 @@ def _coerce(value, hint):
             raise _Mismatch
         return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()} if args else value
     return value  # Any, or a type the loader does not know: the modifier's validate() judges it
+
+
+def _in_epochs(key: str) -> bool:
+    """Keys counted in epochs, SparseML's names: start_epoch, cycle_epochs, update_frequency, ..."""
+    return key.endswith(("_epoch", "_epochs")) or key == "update_frequency"
+
+
+def _check_nesting(value, where: str) -> None:
+    """JSON data (recipe_args) within the bounds YAML recipes get, walked without recursion."""
+    stack, count = [(value, 1)], 0
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if depth > yaml_io.MAX_DEPTH or count > yaml_io.MAX_NODES:
+            raise RecipeError(f"{where}: more than {yaml_io.MAX_NODES} values or {yaml_io.MAX_DEPTH} levels deep")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
 
 
 def _type_name(hint) -> str:

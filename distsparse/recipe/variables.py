@@ -6,6 +6,8 @@ from typing import Any
 from ..errors import RecipeError
 from .evaluate import EvalError, evaluate, is_eval
 
+MAX_CHAIN = 50  # variables defined through one another; real recipes chain two or three
+
 
 class Scope:
     """The variables of one level: the recipe, or a stage that sees the recipe's through ``parent``.
@@ -31,6 +33,9 @@ class Scope:
         if name in self.pending:
             cycle = " -> ".join(self.pending[self.pending.index(name):] + [name])
             raise RecipeError(f"{self.lines[name]}: variables form a cycle: {cycle}")
+        if len(self.pending) == MAX_CHAIN:  # each link is a few Python frames deeper
+            raise RecipeError(f"{self.lines[name]}: {name}: reached through a chain of more than {MAX_CHAIN} "
+                              f"variables ({self.pending[0]} -> {self.pending[1]} -> ...)")
         self.pending.append(name)
         try:
             value = self.resolve(self.raw[name])
