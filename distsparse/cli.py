@@ -1,4 +1,4 @@
-"""``distsparse train | export | recipe check``: one entry point, user errors as one line."""
+"""``distsparse train | export | verify | recipe check``: one entry point, user errors as one line."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +10,7 @@ USAGE = """usage: distsparse COMMAND [ARGS]
 commands:
   train          sparse transfer learning with a recipe (also: accelerate launch -m distsparse.train)
   export         export a trained model to ONNX and verify it
+  verify         re-check a deployment folder that export wrote (sha256, sparsity, Q/DQ, parity)
   recipe check   validate a recipe and print its timeline
 """
 
@@ -24,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "train":
             from .train import main as run
         elif command == "export":
-            from .export import main as run
+            from .export.cli import export_main as run
+        elif command == "verify":
+            from .export.cli import verify_main as run
         elif command == "recipe":
             from .recipe.check import main as run
         else:
