@@ -123,7 +123,7 @@ def test_a_mask_lost_in_the_file_is_caught(qat_model, tmp_path):
         init.CopyFrom(numpy_helper.from_array(levels, key))
 
     with pytest.raises(ExportCheckError, match=r"bert.encoder.layer.1.output.dense.weight: sparsity 0.00% in the ONNX file"):
-        verify(tampered(path, tmp_path, unmask), model, samples, atol=0.05)
+        check_export(tampered(path, tmp_path, unmask), model, TEXT, samples, atol=0.05)
 
 
 def test_weights_changed_after_training_are_caught(qat_model, tmp_path):
@@ -154,7 +154,7 @@ def test_missing_activation_qdq_is_caught(qat_model, tmp_path):
         matmul.input[0] = act_q.input[0]
 
     with pytest.raises(ExportCheckError, match="layer.0.intermediate.dense.input_quant: .* no QuantizeLinear"):
-        verify(tampered(path, tmp_path, bypass), model, samples, atol=0.05)
+        check_export(tampered(path, tmp_path, bypass), model, TEXT, samples, atol=0.05)
 
 
 def test_fp32_weight_where_training_quantized_is_caught(qat_model, tmp_path):
@@ -173,7 +173,7 @@ def test_fp32_weight_where_training_quantized_is_caught(qat_model, tmp_path):
         graph.initializer.remove(init)
 
     with pytest.raises(ExportCheckError, match="classifier: quantized in training, but its weight is not int8"):
-        verify(tampered(path, tmp_path, dequantize), model, samples, atol=0.05)
+        check_export(tampered(path, tmp_path, dequantize), model, TEXT, samples, atol=0.05)
 
 
 def test_output_parity_failure_is_caught(exported, tmp_path):
@@ -186,7 +186,7 @@ def test_output_parity_failure_is_caught(exported, tmp_path):
         init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.01, init.name))
 
     with pytest.raises(ExportCheckError, match=r"onnxruntime differs from PyTorch: max abs diff 0.01"):
-        verify(tampered(deploy / "model.onnx", tmp_path, shift_bias), model, samples, atol=1e-4)
+        check_export(tampered(deploy / "model.onnx", tmp_path, shift_bias), model, TEXT, samples, atol=1e-4)
 
 
 def test_cli_exports_what_distsparse_train_wrote(tmp_path, tiny_model_dir, capsys):
