@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from onnx import numpy_helper
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
@@ -51,3 +52,19 @@ def train_by_hand(out, recipe_text: str | None, steps: int = 4):
     return model
 
 
+
+
+def replace_initializer(graph, name, change):
+    """Set the ONNX initializer ``name`` to ``change(its value)``."""
+    init = next(t for t in graph.initializer if t.name == name)
+    init.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(init).copy()), name))
+
+
+def skip_input_qdq(graph):
+    """Feed layer 0's intermediate dense MatMul the float activation, skipping its Q/DQ pair."""
+    dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] ==
+              "model.bert.encoder.layer.0.intermediate.dense.weight_quantized")
+    transpose = next(n for n in graph.node if dq.output[0] in n.input)
+    matmul = next(n for n in graph.node if transpose.output[0] in n.input)
+    act_dq = next(n for n in graph.node if n.output[0] == matmul.input[0])
+    matmul.input[0] = next(n for n in graph.node if n.output[0] == act_dq.input[0]).input[0]

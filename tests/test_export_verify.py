@@ -9,11 +9,10 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from distsparse.cli import main as cli
 from distsparse.export import cli as export_cli
-from export_helpers import QAT_RECIPE, train_by_hand
+from export_helpers import QAT_RECIPE, replace_initializer, skip_input_qdq, train_by_hand
 
 LEVELS = "model.bert.encoder.layer.1.output.dense.weight_quantized"
 
@@ -41,11 +40,6 @@ def edit_graph(folder, edit, rehash: bool):
         report = json.loads((folder / "export_report.json").read_text())
         report["sha256"] = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
         (folder / "export_report.json").write_text(json.dumps(report))
-
-
-def replace_initializer(graph, name, change):
-    init = next(t for t in graph.initializer if t.name == name)
-    init.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(init).copy()), name))
 
 
 def refused(folder, capfd) -> str:
@@ -95,15 +89,7 @@ def test_changed_initializer_is_refused(deployed, tmp_path, capfd):
 def test_removed_qdq_is_refused_with_a_forged_hash(deployed, tmp_path, capfd):
     folder = copy_of(deployed[1], tmp_path)
 
-    def bypass(graph):  # the intermediate dense MatMul reads the float activation, skipping its Q/DQ
-        dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] ==
-                  "model.bert.encoder.layer.0.intermediate.dense.weight_quantized")
-        transpose = next(n for n in graph.node if dq.output[0] in n.input)
-        matmul = next(n for n in graph.node if transpose.output[0] in n.input)
-        act_dq = next(n for n in graph.node if n.output[0] == matmul.input[0])
-        matmul.input[0] = next(n for n in graph.node if n.output[0] == act_dq.input[0]).input[0]
-
-    edit_graph(folder, bypass, rehash=True)
+    edit_graph(folder, skip_input_qdq, rehash=True)
     assert "layer.0.intermediate.dense.input_quant: quantized in training, but has no QuantizeLinear" in refused(folder, capfd)
 
 

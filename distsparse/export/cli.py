@@ -84,21 +84,18 @@ def write_deployment(args, out: Path, tokenizer, samples, report: dict, task_nam
 
 
 def export_summary(report: dict, path: Path) -> str:
-    return "\n".join([
-        f"exported {path} ({report['onnx_bytes'] / 2**20:.1f} MiB, {'int8 QDQ' if report['quantized'] else 'fp32'}, "
-        f"opset {report['opset']}, sha256 {report['sha256'][:12]}...)",
-        parity_summary(report),
-    ])
+    kind = "int8 QDQ" if report["quantized"] else "fp32"
+    return (f"exported {path} ({report['onnx_bytes'] / 2**20:.1f} MiB, {kind}, opset {report['opset']}, "
+            f"sha256 {report['sha256'][:12]}...)\n" + parity_summary(report))
 
 
 def parity_summary(report: dict) -> str:
-    return "\n".join([
-        f"weights: {len(report['sparsity']) - 1} Linear/Embedding tensors equal to the trained ones, zeros kept "
-        f"(sparsity {report['sparsity']['overall']:.1%}); quantized layers with int8 weights and Q/DQ: "
-        f"{len(report['quantized_layers'])}",
-        f"onnxruntime vs PyTorch on {len(SAMPLE_TEXTS)} samples: max abs diff {report['max_abs_diff']:.3g} "
-        f"(tolerance {report['atol']:.3g}), argmax agreement {report['argmax_agreement']:.1%}",
-    ])
+    weights = (f"weights: {len(report['sparsity']) - 1} Linear/Embedding tensors equal to the trained ones, zeros "
+               f"kept (sparsity {report['sparsity']['overall']:.1%}); quantized layers with int8 weights and Q/DQ: "
+               f"{len(report['quantized_layers'])}")
+    parity = (f"onnxruntime vs PyTorch on {len(SAMPLE_TEXTS)} samples: max abs diff {report['max_abs_diff']:.3g} "
+              f"(tolerance {report['atol']:.3g}), argmax agreement {report['argmax_agreement']:.1%}")
+    return f"{weights}\n{parity}"
 
 
 def verify_main(argv: list[str] | None = None) -> int:

@@ -10,20 +10,23 @@ Against the PyTorch model it came from (``check_export``, at export time):
 
 The parity tolerance follows from the model (unless ``--atol`` is given):
 
-    tolerance = 1e-4 x max(1, max |output|)                      float32 arithmetic
-              + s_in x max_c sum_j |W[c, j]|                     one input level, output layer
-              + s_out                                            one output level, if quantized
+    tolerance = 1e-4 x max(1, max |output|)                          float32 arithmetic
+              + 2 x (s_in x max_c sum_j |W[c, j]|  +  s_out)         two quantization levels
 
-where the output layer is the Linear whose result the model returns (classifier, qa_outputs,
-the masked-LM decoder), W its (fake-quantized) weight and s_in / s_out its activation scales.
-Why: onnxruntime computes the same int8 arithmetic as the fake-quantized model, but its float
-sums round differently, so a value that lies within a rounding error of a quantization boundary
-can land one level apart (one step of its scale). The effect is largest at the output layer's
-input: if every one of its inputs were one level off, each output moves by at most the row's
-weight mass times the step, which is the second term. A model quantized everywhere except its
-output layer cannot be bounded that way; it gets 2% of the outputs' range on the samples. An
-fp32 model gets the first term alone. A wrong graph (a lost op, a swapped input, a wrong bias)
-moves outputs by much more than a few rounding steps and flips argmaxes.
+where the output layer is the Linear whose result the model returns (classifier, qa_outputs, the
+masked-LM decoder), W its (fake-quantized) weight and s_in / s_out its activation scales (s_out
+only where its output is quantized). ``s_in x sum_j |W[c, j]|`` is how far output c moves if
+every input of the output layer moves by one quantization level: the unit in which int8 rounding
+differences reach the outputs. onnxruntime computes the same int8 model as the fake-quantized
+PyTorch one, but its float sums round differently, and its QDQ fusions (graph optimization level
+EXTENDED and up, on by default) compute in integer kernels, so activations can land levels apart.
+Measured on a 70%-sparse MiniLM after 16 steps of seed-shaped QAT (256 SST-2 rows) on an AVX2
+CPU: max diff 0.0094 with the default optimizations, 0.00043 with them off, against one level =
+0.0114; hence a margin of two levels. A model quantized everywhere except its output layer cannot
+be bounded that way; it gets 2% of the outputs' range on the samples. An fp32 model gets the
+first term alone. A wrong graph (a lost op, a swapped input, a wrong bias) moves outputs by many
+levels and flips argmaxes: the argmax must agree wherever PyTorch's top two are over 2 x
+tolerance apart.
 
 Against a deployment folder alone (``verify_deployment``, ``distsparse verify``): the sha256 of
 ``model.onnx`` recorded in ``export_report.json``, the recorded sparsity of every weight, int8
@@ -47,6 +50,7 @@ from .build import EXPORT_TASKS, ExportTask, model_outputs
 from .graph import OnnxGraph
 
 FP32_RELATIVE_TOLERANCE = 1e-4
+QUANTIZATION_LEVELS = 2  # the margin the module docstring measures
 UNBOUNDED_HEAD_RANGE_FRACTION = 0.02
 REPORT_FILE = "export_report.json"
 SAMPLE_INPUTS_FILE = "sample_inputs.npz"
@@ -189,9 +193,9 @@ def parity_tolerance(model: nn.Module, task: ExportTask, samples: dict[str, torc
         spread = max(float(v.max() - v.min()) for v in reference.values())
         return {"atol": floor + UNBOUNDED_HEAD_RANGE_FRACTION * spread,
                 "rule": "int8, output layer's input not quantized: 1e-4 x max(1, max |output|) + 2% of the output range"}
-    return {"atol": floor + max(steps),
-            "rule": "int8: 1e-4 x max(1, max |output|) + one quantization level at every input (and output) "
-                    "of the output layer"}
+    return {"atol": floor + QUANTIZATION_LEVELS * max(steps),
+            "rule": f"int8: 1e-4 x max(1, max |output|) + {QUANTIZATION_LEVELS} quantization levels at every "
+                    "input (and output) of the output layer"}
 
 
 def run_onnx(path: Path, feed: dict[str, np.ndarray], output_names) -> dict[str, np.ndarray]:
