@@ -1,4 +1,4 @@
-"""``distsparse train | export | recipe check``: one entry point, user errors as one line."""
+"""``distsparse train | export | verify | recipe check``: one entry point, user errors as one line."""
 from __future__ import annotations
 
 import importlib
@@ -7,13 +7,15 @@ import sys
 from .errors import run_command
 
 # Each command's module, imported only when called: `distsparse recipe check` needs no torch model code.
-COMMANDS = {"train": "distsparse.train", "export": "distsparse.export", "recipe": "distsparse.recipe.check"}
+COMMANDS = {"train": "distsparse.train:main", "export": "distsparse.export.cli:export_main",
+            "verify": "distsparse.export.cli:verify_main", "recipe": "distsparse.recipe.check:main"}
 
 USAGE = """usage: distsparse COMMAND [ARGS]
 
 commands:
   train          sparse transfer learning with a recipe (also: accelerate launch -m distsparse.train)
   export         export a trained model to ONNX and verify it
+  verify         re-check a deployment folder that export wrote (sha256, sparsity, Q/DQ, parity)
   recipe check   validate a recipe and print its timeline
 """
 
@@ -27,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"distsparse: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
-    return run_command(command, lambda argv: importlib.import_module(COMMANDS[command]).main(argv), rest)
+    module, function = COMMANDS[command].split(":")
+    return run_command(command, lambda argv: getattr(importlib.import_module(module), function)(argv), rest)
 
 
 if __name__ == "__main__":

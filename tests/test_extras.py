@@ -27,7 +27,7 @@ def test_tracker_without_its_package(monkeypatch, report_to):
 
 
 def test_deepspeed_launch_without_deepspeed(monkeypatch):
-    from distsparse.distributed import make_accelerator
+    from distsparse.launch import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setitem(sys.modules, "deepspeed", None)

@@ -10,55 +10,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
-from safetensors.torch import save_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
-from conftest import minilm_dir, tiny_bert
 from distsparse.cli import main as cli
-from distsparse.events import Event, State, fire
-from distsparse.export import ExportCheckError, load_trained, main as export, sample_inputs, verify
-from distsparse.fake_quant import quant_state
-from distsparse.recipe import load_recipe
+from distsparse.export import EXPORT_TASKS, ExportCheckError, check_export, export_main as export, load_trained, sample_inputs
+from export_helpers import QAT_RECIPE, skip_input_qdq, train_by_hand
 
-QAT_RECIPE = """
-constant_modifiers:
-  - !ConstantPruningModifier
-    start_epoch: 0.0
-    params: __ALL_PRUNABLE__
-quantization_modifiers:
-  - !QuantizationModifier
-    start_epoch: 0.0
-    submodules: [bert.embeddings, bert.encoder, bert.pooler, classifier]
-    exclude_module_types: [LayerNorm, Tanh]
-    quantize_linear_activations: 1
-"""
-
-
-def train_by_hand(out, recipe_text: str | None, steps: int = 4):
-    """A 'trained' folder as distsparse train writes it: a 50%-sparse tiny BERT after a few
-    optimizer steps under the recipe (QAT observers calibrated), plus recipe.yaml and scales."""
-    model = tiny_bert(sparsity=0.5, dropout=0.1)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    modifiers = load_recipe(recipe_text).modifiers if recipe_text else []
-    state = State(model=model, steps_per_epoch=2)
-    fire(modifiers, Event.INIT, state)
-    state.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    fire(modifiers, Event.FIT_START, state)
-    batch = tokenizer(["good fine great film", "bad poor awful plot here"] * 2, padding=True, return_tensors="pt")
-    for _ in range(steps):
-        fire(modifiers, Event.BATCH_START, state)
-        model(**batch, labels=torch.tensor([1, 0, 1, 0])).loss.backward()
-        fire(modifiers, Event.AFTER_BACKWARD, state)
-        state.optimizer.step()
-        state.optimizer.zero_grad()
-        fire(modifiers, Event.OPTIMIZER_STEP_END, state)
-        state.step += 1
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    if recipe_text:
-        (out / "recipe.yaml").write_text(load_recipe(recipe_text).to_yaml({"steps_per_epoch": 2}))
-        save_file({k: v.contiguous() for k, v in quant_state(model).items()}, out / "quantization.safetensors")
-    return model
+TEXT = EXPORT_TASKS["text-classification"]
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +62,14 @@ def test_qat_export_stores_int8_weights_keeps_zeros_and_matches_pytorch(exported
     assert "QuantizeLinear" in ops
 
     report = json.loads((deploy / "export_report.json").read_text())
-    assert report["quantized"] and report["quantized_layers"] == 17
+    assert report["quantized"] and len(report["quantized_layers"]) == 17
     assert report["max_abs_diff"] <= 1e-3 and report["argmax_agreement"] == 1.0
     assert report["sparsity"]["bert.encoder.layer.0.attention.self.query.weight"] >= 0.5
 
     session = ort.InferenceSession(str(deploy / "model.onnx"), providers=["CPUExecutionProvider"])
     inputs = dict(np.load(deploy / "sample_inputs.npz"))
-    assert inputs["input_ids"].shape == (8, 24)
+    assert inputs["input_ids"].shape == (8, 21)  # padded to the longest sample sentence
+    assert (inputs["attention_mask"] == 0).any()  # so padding is masked in the check
     np.testing.assert_allclose(session.run(None, inputs)[0], np.load(deploy / "sample_outputs.npz")["logits"], atol=1e-3)
     # dynamic axes: another batch size and sequence length, against the rebuilt PyTorch model
     model, tokenizer, _ = load_trained(trained)
@@ -163,19 +122,19 @@ def test_a_mask_lost_in_the_file_is_caught(qat_model, tmp_path):
         init.CopyFrom(numpy_helper.from_array(levels, key))
 
     with pytest.raises(ExportCheckError, match=r"bert.encoder.layer.1.output.dense.weight: sparsity 0.00% in the ONNX file"):
-        verify(tampered(path, tmp_path, unmask), model, samples, atol=0.05)
+        check_export(tampered(path, tmp_path, unmask), model, TEXT, samples, atol=0.05)
 
 
 def test_weights_changed_after_training_are_caught(qat_model, tmp_path):
     model, samples, path = qat_model
-    verify(path, model, samples, atol=0.05)  # the untouched file passes
+    check_export(path, model, TEXT, samples, atol=0.05)  # the untouched file passes
     weight = model.bert.encoder.layer[0].attention.self.key.weight
     saved = weight.detach().clone()
     with torch.no_grad():
         weight[weight == 0] = 0.05  # the mask removed in the reference model
     try:
         with pytest.raises(ExportCheckError, match="attention.self.key.weight: sparsity"):
-            verify(path, model, samples, atol=0.05)
+            check_export(path, model, TEXT, samples, atol=0.05)
     finally:
         with torch.no_grad():
             weight.copy_(saved)
@@ -184,17 +143,8 @@ def test_weights_changed_after_training_are_caught(qat_model, tmp_path):
 def test_missing_activation_qdq_is_caught(qat_model, tmp_path):
     model, samples, path = qat_model
 
-    def bypass(graph):  # feed the intermediate dense MatMul the float activation, skipping its Q/DQ
-        dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] ==
-                  "model.bert.encoder.layer.0.intermediate.dense.weight_quantized")
-        transpose = next(n for n in graph.node if dq.output[0] in n.input)
-        matmul = next(n for n in graph.node if transpose.output[0] in n.input)
-        act_dq = next(n for n in graph.node if n.output[0] == matmul.input[0])
-        act_q = next(n for n in graph.node if n.output[0] == act_dq.input[0])
-        matmul.input[0] = act_q.input[0]
-
     with pytest.raises(ExportCheckError, match="layer.0.intermediate.dense.input_quant: .* no QuantizeLinear"):
-        verify(tampered(path, tmp_path, bypass), model, samples, atol=0.05)
+        check_export(tampered(path, tmp_path, skip_input_qdq), model, TEXT, samples, atol=0.05)
 
 
 def test_fp32_weight_where_training_quantized_is_caught(qat_model, tmp_path):
@@ -213,7 +163,7 @@ def test_fp32_weight_where_training_quantized_is_caught(qat_model, tmp_path):
         graph.initializer.remove(init)
 
     with pytest.raises(ExportCheckError, match="classifier: quantized in training, but its weight is not int8"):
-        verify(tampered(path, tmp_path, dequantize), model, samples, atol=0.05)
+        check_export(tampered(path, tmp_path, dequantize), model, TEXT, samples, atol=0.05)
 
 
 def test_output_parity_failure_is_caught(exported, tmp_path):
@@ -226,7 +176,7 @@ def test_output_parity_failure_is_caught(exported, tmp_path):
         init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.01, init.name))
 
     with pytest.raises(ExportCheckError, match=r"onnxruntime differs from PyTorch: max abs diff 0.01"):
-        verify(tampered(deploy / "model.onnx", tmp_path, shift_bias), model, samples, atol=1e-4)
+        check_export(tampered(deploy / "model.onnx", tmp_path, shift_bias), model, TEXT, samples, atol=1e-4)
 
 
 def test_cli_exports_what_distsparse_train_wrote(tmp_path, tiny_model_dir, capsys):
@@ -246,20 +196,3 @@ def test_cli_exports_what_distsparse_train_wrote(tmp_path, tiny_model_dir, capsy
     (tmp_path / "broken" / "quantization.safetensors").unlink()
     assert cli(["export", "--model_path", str(tmp_path / "broken"), "--output_dir", str(tmp_path / "d2")]) == 2
     assert "quantization.safetensors: missing" in capsys.readouterr().err
-
-
-def test_token_classification_exports_per_token_logits(tmp_path):
-    from transformers import BertForTokenClassification
-
-    config = tiny_bert().config
-    config.num_labels = 5
-    torch.manual_seed(0)
-    BertForTokenClassification(config).save_pretrained(tmp_path / "ner")
-    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(tmp_path / "ner")
-    assert export(["--model_path", str(tmp_path / "ner"), "--output_dir", str(tmp_path / "deploy"),
-                   "--sequence_length", "16"]) == 0  # the task comes from config.json's architectures
-    assert json.loads((tmp_path / "deploy" / "export_report.json").read_text())["task"] == "token-classification"
-    session = ort.InferenceSession(str(tmp_path / "deploy" / "model.onnx"), providers=["CPUExecutionProvider"])
-    feed = {"input_ids": np.array([[101, 7592, 2088, 999, 102]]), "attention_mask": np.ones((1, 5), dtype=np.int64),
-            "token_type_ids": np.zeros((1, 5), dtype=np.int64)}
-    assert session.run(None, feed)[0].shape == (1, 5, 5)

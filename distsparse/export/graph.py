@@ -1,0 +1,195 @@
+"""ONNX graph surgery and lookups: int8 weight initializers, row-gathered embeddings, and the
+queries the checks make (a weight as the graph computes it, the ops that use it, their Q/DQ).
+
+Only public ``onnx`` APIs (``onnx.helper``, ``onnx.numpy_helper``) are used.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+INITIALIZER_PREFIX = "model."  # the export wrapper's attribute: initializers are "model.<parameter name>"
+QUANTIZED_SUFFIX = "_quantized"  # "<weight>_quantized" holds the int8 levels of "<weight>"
+
+
+class OnnxGraph:
+    """Name lookups over an ONNX graph, and the constant value of a tensor where it has one."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.graph = model.graph
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in self.graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+
+    def initializer(self, name: str):
+        """Follow Identity nodes (the exporter's de-duplication of equal tensors) to an initializer."""
+        while name not in self.initializers and name in self.producer and self.producer[name].op_type == "Identity":
+            name = self.producer[name].input[0]
+        return self.initializers.get(name)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        if self.initializer(name) is not None:
+            return numpy_helper.to_array(self.initializer(name))
+        node = self.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        if node.op_type == "Cast":
+            value = self.constant(node.input[0])
+            to = onnx.helper.tensor_dtype_to_np_dtype(node_attr(node, "to", None))
+            return None if value is None else value.astype(to)
+        return None
+
+    def weight(self, parameter: str) -> np.ndarray | None:
+        """The parameter as the graph computes with it: dequantized (per output channel) where stored as int8."""
+        key = INITIALIZER_PREFIX + parameter
+        levels = self.initializers.get(key + QUANTIZED_SUFFIX)
+        if levels is None:
+            tensor = self.initializer(key)
+            return None if tensor is None else numpy_helper.to_array(tensor)
+        scale, zero_point = (self.constant(f"{key}{QUANTIZED_SUFFIX}{part}") for part in ("_scale", "_zero_point"))
+        if scale is None:
+            return None
+        if zero_point is None:  # rows gathered before scaling: symmetric, no zero point left in the graph
+            zero_point = np.zeros_like(scale, dtype=np.int8)
+        q = numpy_helper.to_array(levels).astype(np.float32)
+        shape = [-1] + [1] * (q.ndim - 1) if scale.ndim else []
+        return (q - zero_point.astype(np.float32).reshape(shape)) * scale.reshape(shape)
+
+    def int8_weight_users(self, parameter: str) -> tuple[list, set[str]] | None:
+        """The ops that compute with the parameter's int8 levels, and the tensors on the way there
+        (DequantizeLinear [-> Transpose] -> MatMul/Gemm, or Gather -> Cast -> Mul for embedding rows);
+        None where the parameter is not stored as int8."""
+        levels = self.initializers.get(INITIALIZER_PREFIX + parameter + QUANTIZED_SUFFIX)
+        if levels is None or levels.data_type != onnx.TensorProto.INT8:
+            return None
+        chains = {"DequantizeLinear": ("DequantizeLinear", "Transpose"), "Gather": ("Gather", "Cast")}
+        ops, path = [], set()
+        for user in self.consumers.get(levels.name, []):
+            node, through = user, chains.get(user.op_type, ())
+            while node is not None and node.op_type in through:
+                path.add(node.output[0])
+                after = self.consumers.get(node.output[0], [])
+                node = after[0] if len(after) == 1 else None
+            if node is not None and through:
+                ops.append(node)
+        return ops, path
+
+    def input_pair(self, op, weight_path: set[str]) -> tuple:
+        """(QuantizeLinear, DequantizeLinear) feeding the op's activation input, or Nones."""
+        (x,) = [i for i in op.input[:2] if i not in weight_path]
+        dq = self.producer.get(x)
+        return (dq and self.producer.get(dq.input[0])), dq
+
+    def output_pair(self, op) -> tuple:
+        """(QuantizeLinear, DequantizeLinear) after the op (after its bias Add), or Nones."""
+        after = self.consumers.get(op.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Add":  # the bias of a MatMul
+            after = self.consumers.get(after[0].output[0], [])
+        q = next((n for n in after if n.op_type == "QuantizeLinear"), None)
+        return q, q and next(iter(self.consumers.get(q.output[0], [])), None)
+
+    def pair_qparams(self, q, dq) -> tuple[np.ndarray, np.ndarray] | None:
+        """The scale and zero point of a QuantizeLinear -> DequantizeLinear pair; None if it is not one."""
+        if not q or not dq or q.op_type != "QuantizeLinear" or dq.op_type != "DequantizeLinear":
+            return None
+        scale, zero_point = self.constant(dq.input[1]), self.constant(dq.input[2])
+        return None if scale is None or zero_point is None else (scale, zero_point)
+
+
+def node_attr(node, name: str, default):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def store_int8_weights(model: onnx.ModelProto) -> None:
+    """Replace QuantizeLinear(fp32 weight) -> DequantizeLinear by int8 weight -> DequantizeLinear.
+
+    The levels are computed with the exact arithmetic of the PyTorch fake quantization, so the
+    deployed weights are bit for bit the trained ones.
+    """
+    g = OnnxGraph(model)
+    done = []
+    for q in [n for n in g.graph.node if n.op_type == "QuantizeLinear"]:
+        weight = g.initializer(q.input[0])
+        users = g.consumers.get(q.output[0], [])
+        if weight is None or not users or any(u.op_type != "DequantizeLinear" for u in users):
+            continue
+        scale, zero_point = g.constant(q.input[1]), g.constant(q.input[2])
+        if scale is None or zero_point is None:
+            continue
+        levels = quantize_levels(numpy_helper.to_array(weight), scale, zero_point, node_attr(q, "axis", 1))
+        name = q.input[0] + QUANTIZED_SUFFIX
+        # scale and zero point as initializers of their own dtype: an int32 Constant cast to int8
+        # would cost 4 bytes per channel, as much as a 4-wide row of weights
+        for tensor, suffix in ((levels, ""), (scale, "_scale"), (zero_point, "_zero_point")):
+            g.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(tensor), name + suffix))
+        for dq in users:
+            dq.input[:3] = [name, f"{name}_scale", f"{name}_zero_point"]
+        done.append(q)
+    for q in done:
+        g.graph.node.remove(q)
+    g = OnnxGraph(model)
+    for dq in [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith(QUANTIZED_SUFFIX)]:
+        _gather_rows_first(g, dq)
+    _drop_unused(model)
+
+
+def _gather_rows_first(g: OnnxGraph, dq) -> None:
+    """Gather(DequantizeLinear(table), ids) -> Cast(Gather(table, ids)) * Gather(row scales, ids).
+
+    Same numbers (symmetric per-row int8), but onnxruntime no longer dequantizes the whole
+    vocabulary table on every call (about 15 ms for MiniLM on 2 cores).
+    """
+    levels, scale, zero_point = dq.input[:3]
+    users = g.consumers.get(dq.output[0], [])
+    if (not users or any(u.op_type != "Gather" or u.input[0] != dq.output[0] or node_attr(u, "axis", 0) != 0 for u in users)
+            or g.constant(scale).ndim != 1 or node_attr(dq, "axis", 1) != 0 or g.constant(zero_point).any()):
+        return
+    axes = "gather_rows_first_axes"
+    if axes not in g.initializers:
+        g.initializers[axes] = numpy_helper.from_array(np.array([-1], dtype=np.int64), axes)
+        g.graph.initializer.append(g.initializers[axes])
+    make = onnx.helper.make_node
+    for gather in users:
+        ids, out = gather.input[1], gather.output[0]
+        nodes = [make("Gather", [levels, ids], [f"{out}_int8"], axis=0),
+                 make("Cast", [f"{out}_int8"], [f"{out}_levels"], to=onnx.TensorProto.FLOAT),
+                 make("Gather", [scale, ids], [f"{out}_row_scale"], axis=0),
+                 make("Unsqueeze", [f"{out}_row_scale", axes], [f"{out}_row_scale_1"]),
+                 make("Mul", [f"{out}_levels", f"{out}_row_scale_1"], [out])]
+        at = list(g.graph.node).index(gather)
+        g.graph.node.remove(gather)
+        for offset, node in enumerate(nodes):
+            g.graph.node.insert(at + offset, node)
+    g.graph.node.remove(dq)
+
+
+def quantize_levels(weight: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int) -> np.ndarray:
+    """clamp(round(w * (1/s)) + z): torch's fake-quant rounding (a tie may round apart from ONNX's w / s)."""
+    shape = [1] * weight.ndim
+    if scale.ndim:
+        shape[axis] = -1
+    s, z = torch.tensor(scale).reshape(shape), torch.tensor(zero_point.astype(np.int32)).reshape(shape)
+    info = np.iinfo(zero_point.dtype)
+    q = torch.round(torch.tensor(weight) * torch.reciprocal(s)) + z
+    return q.clamp(info.min, info.max).numpy().astype(zero_point.dtype)
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    graph = model.graph
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        for n in dead:
+            graph.node.remove(n)
+        if not dead:
+            break
+    unused = [t for t in graph.initializer if t.name not in used]
+    for t in unused:
+        graph.initializer.remove(t)

@@ -1,0 +1,178 @@
+"""The parity tolerance follows from the model: every shipped recipe and the seed's recipe export
+with default settings, and a wrong model is still refused."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import ROOT, SHARED, minilm_dir
+from distsparse.cli import main as cli
+from distsparse.export import EXPORT_TASKS, ExportCheckError, check_export, load_trained, sample_inputs
+from distsparse.export.verify import parity_tolerance
+from distsparse.train import main as train
+from export_helpers import QAT_RECIPE, replace_initializer, train_by_hand
+
+TEXT = EXPORT_TASKS["text-classification"]
+SHIPPED = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
+# The seed's SparseML recipe, shortened: constant pruning, QAT with embeddings quantized and
+# linear outputs not, observers frozen before the end, distillation from a teacher.
+SEED_SHAPED = """
+version: 1.1.0
+num_epochs: 2.0
+training_modifiers:
+  - !EpochRangeModifier
+    start_epoch: 0.0
+    end_epoch: eval(num_epochs)
+  - !LearningRateFunctionModifier
+    start_epoch: 0.0
+    end_epoch: eval(num_epochs)
+    lr_func: linear
+    init_lr: 1.5e-4
+    final_lr: 0.0
+  - !SetWeightDecayModifier
+    start_epoch: 0.0
+    weight_decay: 0.01
+pruning_modifiers:
+  - !ConstantPruningModifier
+    start_epoch: 0.0
+    params: __ALL_PRUNABLE__
+distillation_modifiers:
+  - !DistillationModifier
+    hardness: 1.0
+    temperature: 2.0
+    distill_output_keys: [logits]
+quantization_modifiers:
+  - !QuantizationModifier
+    start_epoch: 0.5
+    disable_quantization_observer_epoch: 1.5
+    freeze_bn_stats_epoch: 1.5
+    quantize_embeddings: 1
+    quantize_linear_activations: 0
+    exclude_module_types: [LayerNorm, Tanh]
+    submodules: [bert.embeddings, bert.encoder, bert.pooler, classifier]
+"""
+
+
+def train_with(recipe, model_dir, tmp_path):
+    """distsparse train, as shipped (the recipe's own epochs), on 16 sentences: 2 steps an epoch."""
+    rows = ["sentence,label"] + [f"sample {i} {'good great' if i % 2 else 'bad awful'} text,{i % 2}" for i in range(16)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    teacher = ["--teacher", "self"] if "DistillationModifier" in recipe.read_text() else []
+    assert train(["--model_name_or_path", str(model_dir), "--recipe", str(recipe), *teacher,
+                  "--train_file", str(tmp_path / "train.csv"), "--output_dir", str(tmp_path / "run"),
+                  "--per_device_train_batch_size", "8", "--max_seq_length", "16", "--save_strategy", "no"]) == 0
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("recipe_name", SHIPPED + ["seed-shaped"])
+def test_every_recipe_exports_with_default_settings(recipe_name, tmp_path, tiny_model_dir):
+    recipe = ROOT / "recipes" / recipe_name
+    if recipe_name == "seed-shaped":
+        recipe = tmp_path / "seed.yaml"
+        recipe.write_text(SEED_SHAPED)
+    trained = train_with(recipe, tiny_model_dir, tmp_path)
+    assert cli(["export", "--model_path", str(trained), "--output_dir", str(tmp_path / "deploy")]) == 0
+    report = json.loads((tmp_path / "deploy" / "export_report.json").read_text())
+    quantizes = "QuantizationModifier" in recipe.read_text()
+    assert report["quantized"] == quantizes
+    assert report["tolerance_rule"].startswith("int8: " if quantizes else "fp32: ")
+    assert report["max_abs_diff"] <= report["atol"] and report["argmax_agreement"] == 1.0
+    if "PruningModifier" in recipe.read_text():
+        assert report["sparsity"]["bert.encoder.layer.0.attention.self.query.weight"] >= 0.5  # the start's zeros kept
+
+
+@pytest.fixture(scope="module")
+def qat(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tolerance") / "trained"
+    train_by_hand(folder, QAT_RECIPE)
+    model, tokenizer, _ = load_trained(folder)
+    return folder, model, sample_inputs(tokenizer, 24)
+
+
+def test_tolerance_is_two_levels_at_the_classifier(qat):
+    """Computed here from the scales by hand: classifier input scale x its largest row's L1 norm,
+    plus its output scale, twice; plus the float floor."""
+    _, model, samples = qat
+    with torch.no_grad():
+        logits = model(**samples).logits
+        weight = model.classifier.weight_quant(model.classifier.weight)
+    level = (float(model.classifier.input_quant.scale) * float(weight.abs().sum(1).max())
+             + float(model.classifier.output_quant.scale))
+    tolerance = parity_tolerance(model, TEXT, samples, {"logits": logits.numpy()})
+    assert tolerance["atol"] == pytest.approx(1e-4 * max(1.0, float(logits.abs().max())) + 2 * level, rel=1e-6)
+    assert tolerance["atol"] > 0.5 * float(model.classifier.input_quant.scale)  # not the fp32 floor
+
+
+def test_fp32_model_keeps_the_float_tolerance(tmp_path, tiny_model_dir):
+    model, tokenizer, _ = load_trained(tiny_model_dir)
+    samples = sample_inputs(tokenizer, 16)
+    with torch.no_grad():
+        logits = model(**samples).logits.numpy()
+    assert parity_tolerance(model, TEXT, samples, {"logits": logits}) == {
+        "atol": 1e-4 * max(1.0, float(np.abs(logits).max())), "rule": "fp32: 1e-4 x max(1, max |output|)"}
+
+
+@pytest.fixture(scope="module")
+def unclamped(tmp_path_factory):
+    """A QAT model whose classifier output is not quantized (as in the seed's recipe), exported:
+    (model, samples, deployment folder). A quantized output would clamp a wrong logit into its range."""
+    root = tmp_path_factory.mktemp("unclamped")
+    train_by_hand(root / "trained", QAT_RECIPE.replace("quantize_linear_activations: 1", "quantize_linear_activations: 0"))
+    assert cli(["export", "--model_path", str(root / "trained"), "--output_dir", str(root / "deploy"),
+                "--sequence_length", "24"]) == 0
+    model, tokenizer, _ = load_trained(root / "trained")
+    return model, sample_inputs(tokenizer, 24), root / "deploy"
+
+
+def wrong_copy(deploy, tmp_path, name, change):
+    proto = onnx.load(str(deploy / "model.onnx"))
+    replace_initializer(proto.graph, name, change)
+    onnx.save(proto, str(tmp_path / "wrong.onnx"))
+    return tmp_path / "wrong.onnx"
+
+
+def test_a_bias_off_by_three_tolerances_is_refused_and_by_half_is_accepted(unclamped, tmp_path):
+    model, samples, deploy = unclamped
+    report = json.loads((deploy / "export_report.json").read_text())
+    atol, baseline = report["atol"], report["max_abs_diff"]
+    assert atol > 1e-3  # the int8 rule, not the float floor
+    shifted = wrong_copy(deploy, tmp_path, "model.classifier.bias", lambda b: b + np.float32([3 * atol, 0]))
+    with pytest.raises(ExportCheckError, match=r"onnxruntime differs from PyTorch: max abs diff 0\.\d+"):
+        check_export(shifted, model, TEXT, samples)
+    within = wrong_copy(deploy, tmp_path, "model.classifier.bias", lambda b: b + np.float32([atol / 2, 0]))
+    assert check_export(within, model, TEXT, samples)["max_abs_diff"] == pytest.approx(atol / 2, abs=baseline + 1e-6)
+
+
+def test_a_wrong_layer_norm_is_refused(unclamped, tmp_path):
+    """What the weight and Q/DQ checks cannot see: the last LayerNorm's scale with its sign flipped."""
+    model, samples, deploy = unclamped
+    wrong = wrong_copy(deploy, tmp_path, "model.bert.encoder.layer.1.output.LayerNorm.weight", lambda w: -w)
+    with pytest.raises(ExportCheckError, match="onnxruntime differs from PyTorch"):
+        check_export(wrong, model, TEXT, samples)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared (real data)")
+def test_minilm_seed_shaped_recipe_exports_with_default_settings(tmp_path):
+    """The defect of issue 18 on the real MiniLM: 70% pruned, seed-shaped QAT, default export."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("bert.encoder") and name.endswith("weight") and p.dim() == 2:
+                p.view(-1)[p.abs().flatten().argsort()[:int(p.numel() * 0.7)]] = 0.0
+    model.save_pretrained(tmp_path / "pruned")
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(tmp_path / "pruned")
+    (tmp_path / "seed.yaml").write_text(SEED_SHAPED)
+    assert train(["--model_name_or_path", str(tmp_path / "pruned"), "--recipe", str(tmp_path / "seed.yaml"),
+                  "--teacher", "self", "--train_file", str(SHARED / "data/sst2/train.tsv"),
+                  "--max_train_samples", "256", "--per_device_train_batch_size", "16", "--max_seq_length", "48",
+                  "--save_strategy", "no", "--output_dir", str(tmp_path / "run")]) == 0
+    assert cli(["export", "--model_path", str(tmp_path / "run"), "--output_dir", str(tmp_path / "deploy")]) == 0
+    report = json.loads((tmp_path / "deploy" / "export_report.json").read_text())
+    assert report["quantized"] and report["max_abs_diff"] <= report["atol"] and report["argmax_agreement"] == 1.0
