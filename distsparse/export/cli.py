@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import sha256
 from ..errors import UserError
 from ..fake_quant import fake_quants
 from ..savedmodel import RECIPE_FILE
 from .build import EXPORT_TASKS, SAMPLE_TEXTS, export_onnx, load_trained, sample_inputs
 from .verify import (REPORT_FILE, SAMPLE_INPUTS_FILE, SAMPLE_OUTPUTS_FILE, ExportCheckError, check_export,
-                     file_sha256, verify_deployment)
+                     verify_deployment)
 
 
 def build_export_parser() -> argparse.ArgumentParser:
@@ -77,7 +78,7 @@ def write_deployment(args, out: Path, tokenizer, samples, report: dict, task_nam
     np.savez(out / SAMPLE_OUTPUTS_FILE, **report.pop("reference"))
     onnx_path = out / "model.onnx"
     report.update(task=task_name, quantized=quantized, opset=args.opset, onnx_bytes=onnx_path.stat().st_size,
-                  sha256=file_sha256(onnx_path))
+                  sha256=sha256(onnx_path))
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     print(export_summary(report, onnx_path))
     return 0

@@ -35,7 +35,6 @@ inputs against the stored PyTorch outputs with the recorded tolerance.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -44,6 +43,7 @@ import onnx
 import torch
 from torch import nn
 
+from ..checkpoint import sha256
 from ..errors import UserError
 from ..fake_quant import ActivationFakeQuant, QuantEmbedding, QuantLinear
 from .build import EXPORT_TASKS, ExportTask, model_outputs
@@ -222,14 +222,6 @@ def compare_outputs(got: dict[str, np.ndarray], reference: dict[str, np.ndarray]
 
 
 # -- a deployment folder, later --------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_deployment(folder: Path) -> dict:
     """Re-run the export's checks on what ``distsparse export`` wrote; ExportCheckError on any change."""
     folder = Path(folder)
@@ -242,7 +234,7 @@ def verify_deployment(folder: Path) -> dict:
         recorded, task = report["sha256"], EXPORT_TASKS[report["task"]]
     except (ValueError, KeyError) as err:
         raise ExportCheckError(f"{report_path}: not an export report with sha256 and task ({err!r})") from None
-    actual = file_sha256(onnx_path)
+    actual = sha256(onnx_path)
     if actual != recorded:
         raise ExportCheckError(f"{onnx_path}: sha256 {actual[:12]}... differs from {recorded[:12]}... recorded in "
                                f"{REPORT_FILE}: the file changed after export")
