@@ -24,6 +24,7 @@ from pathlib import Path
 
 import datasets
 import torch
+import transformers
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -103,9 +104,13 @@ def setup(args: argparse.Namespace) -> Run:
     preflight.check_before_loading(args, model_path)
     accelerator = launch.make_accelerator(args)
     guard_output_dir(args, accelerator)
+    # Verified before anything loads: a foreign or corrupted checkpoint costs the user no waiting.
+    resume_from = args.do_train and checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir,
+                                                              say=accelerator.print)
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or model_path)
-    datasets.disable_progress_bars()  # a bad file must end in one readable line
+    datasets.disable_progress_bars()  # a bad input must end in one readable line
+    transformers.utils.logging.disable_progress_bar()
     with accelerator.main_process_first():
         task = build_task(args, tokenizer)
     preflight.check_teacher_labels(args, task.num_labels)
@@ -138,7 +143,8 @@ def setup(args: argparse.Namespace) -> Run:
     run = Run(args, accelerator, model, optimizer, train_loader, eval_loader, task, tokenizer, recipe, state,
               total_steps, config)
     if args.do_train:
-        resume(run)
+        if resume_from:
+            resume(run, resume_from)
         tracking.start(accelerator, args, config, recipe, run.tracking_ids)
         fire(recipe.modifiers, Event.FIT_START, state)
         model.train()
@@ -176,12 +182,9 @@ def guard_output_dir(args, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def resume(run: Run) -> None:
+def resume(run: Run, path: Path) -> None:
     """Load a verified checkpoint: Accelerate's files, then our counters and the modifiers' state."""
-    args, accelerator, state = run.args, run.accelerator, run.state
-    path = checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir, say=accelerator.print)
-    if path is None:
-        return
+    accelerator, state = run.accelerator, run.state
     try:
         saved = checkpoint.load_state(path / checkpoint.TRAINING_STATE)
         accelerator.load_state(str(path / checkpoint.TRAINING_STATE))
