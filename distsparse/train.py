@@ -27,6 +27,7 @@ from .checkpoint import TRAINING_STATE, checkpoints, resolve_resume, save_checkp
 from .errors import UserError
 from .data import build_task
 from .events import Event, State, fire
+from .modifiers.obs import grad_batches_for
 from .modifiers.training import NO_DECAY
 from .recipe import load_recipe
 from .savedmodel import save_model, sparsity_report
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Build everything the recipe needs (masks, fake-quant modules) before DDP/DeepSpeed wrap the model.
     state = State(model=model, steps_per_epoch=steps_per_epoch, accelerator=accelerator)
+    state.grad_batches = grad_batches_for(task.train, task.collator, args.seed, accelerator.device, state)
     with distributed.full_parameters(model):  # ZeRO-3 loads partitioned (zero.Init): INIT sees whole weights
         fire(recipe.modifiers, Event.INIT, state)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate)

@@ -61,6 +61,10 @@ class Modifier:
     def load_state_dict(self, state_dict: dict) -> None:
         pass
 
+    def expand(self) -> list["Modifier"]:
+        """The modifiers this recipe entry stands for (one, unless a key lists several targets)."""
+        return [self]
+
     # -- recipe check -------------------------------------------------------------------------
     def timeline(self, steps_per_epoch: int) -> list[tuple[int, str]]:
         """(step, what happens) pairs for ``distsparse recipe check``."""

@@ -93,15 +93,16 @@ def load_recipe(source, recipe_args=None) -> Recipe:
             if _is_group(key):
                 if not isinstance(entries, (list, type(None))):
                     raise RecipeError(f"{name}:{level.lines[key]}: {key}: must be a list of !ModifierName entries")
-                built = [_build(entry, scope, name, key, level.lines[key]) for entry in entries or []]
+                built = [part for entry in entries or [] for part in _build(entry, scope, name, key, level.lines[key]).expand()]
                 groups[key if stage is None else f"{stage}_{key}"] = built
                 stages[-1].extend(built)
     _offset_stages(stages)
     for stage_modifiers in stages:
         for modifier in stage_modifiers:
             modifier.validate()
-    return Recipe(
-        modifiers=[m for s in stages for m in s],
+    modifiers = [m for s in stages for m in s]
+    return Recipe(  # structure first: parameter names in every other modifier refer to the model it leaves
+        modifiers=sorted(modifiers, key=lambda m: not getattr(m, "changes_structure", False)),
         variables={k: top.get(k) for k in top.raw},
         source=name, groups=groups, metadata=doc.get(METADATA),
     )
