@@ -217,8 +217,8 @@ pruning_modifiers:
     init_sparsity: 0.5
     final_sparsity: 0.8
     update_frequency: 0.5
-    num_grads: 8
-    fisher_block_size: 16
+    num_grads: 32
+    fisher_block_size: 8
     damp: 1e-5
     grad_sampler_kwargs:
       batch_size: 4
