@@ -219,7 +219,7 @@ pruning_modifiers:
     update_frequency: 0.5
     num_grads: 32
     fisher_block_size: 8
-    damp: 1e-5
+    damp: 1e-7
     grad_sampler_kwargs:
       batch_size: 4
 """
