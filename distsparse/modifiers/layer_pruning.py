@@ -14,7 +14,6 @@ INIT before every other (``changes_structure``).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -52,9 +51,8 @@ class LayerPruningModifier(Modifier):
         if self.start_epoch > 0:
             self.fail("start_epoch", f"{self.start_epoch}: layers can only be removed before training (start_epoch "
                                      "0 or -1); removing them later would change a model DDP/DeepSpeed already wrapped")
-        if self.end_epoch >= 0:
-            warnings.warn(f"{self.where}: end_epoch {self.end_epoch:g} is ignored: removed layers never come back",
-                          stacklevel=2)
+        self.ignored("end_epoch", -1.0, "removed layers never come back")
+        self.ignored("update_frequency", -1.0, "the layers are removed once")
 
 
 def drop_layers(model: nn.Module, layers: list[str], where: str) -> None:

@@ -218,6 +218,7 @@ class _MaskingModifier(Modifier):
 
     def validate(self) -> None:
         super().validate()
+        self.ignored("log_types", "__ALL__", "every sparsity is logged")
         if not self.params:
             self.fail("params", "required: parameter names, re: patterns, __ALL__ or __ALL_PRUNABLE__")
 
@@ -231,6 +232,10 @@ class ConstantPruningModifier(_MaskingModifier):
     """
 
     update_frequency: float = -1.0  # SparseML key, unused
+
+    def validate(self) -> None:
+        super().validate()
+        self.ignored("update_frequency", -1.0, "the mask is fixed once, at start_epoch")
 
     def init_masks(self, state: State) -> None:
         if self.start_step(state.steps_per_epoch) == 0:

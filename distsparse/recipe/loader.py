@@ -25,6 +25,28 @@ from .variables import Scope
 from .yaml_io import Map, Tagged
 
 SUFFIXES = (".yaml", ".yml", ".md")
+# SparseML's other PyTorch modifiers: refused at load, each with why (a silent no-op would train
+# something other than what the recipe says).
+_NOT_HERE = "not implemented here"
+REFUSED = {
+    "LearningRateModifier": "torch step schedulers (StepLR, MultiStepLR, ExponentialLR) are not supported; "
+                            "write the schedule with LearningRateFunctionModifier or SetLearningRateModifier",
+    "TrainableParamsModifier": f"{_NOT_HERE}: freezing parameters on a schedule changes what DDP/DeepSpeed reduce "
+                               "after they wrapped the model",
+    "SetParamModifier": f"{_NOT_HERE}: it overwrites parameter values on a schedule",
+    "GradualParamModifier": f"{_NOT_HERE}: it overwrites parameter values on a schedule",
+    "MFACPruningModifier": f"{_NOT_HERE}; OBSPruningModifier is the second-order pruner (oBERT)",
+    "MovementPruningModifier": f"{_NOT_HERE}; use GMPruningModifier or OBSPruningModifier",
+    "ACDCPruningModifier": f"{_NOT_HERE}: alternating dense/sparse phases revive pruned weights",
+    "RigLPruningModifier": f"{_NOT_HERE}: regrowing pruned weights by gradient",
+    "TopKASTPruningModifier": f"{_NOT_HERE}: separate forward and backward sparsity",
+    "PowerpropagationModifier": f"{_NOT_HERE}: it reparametrizes the weights",
+    "StructuredPruningModifier": f"{_NOT_HERE}: channel/head pruning changes tensor shapes",
+    "LayerThinningModifier": f"{_NOT_HERE}: thinning changes tensor shapes",
+    "PerLayerDistillationModifier": f"{_NOT_HERE}: DistillationModifier distills the model outputs",
+    "SparseGPTModifier": "one-shot LLM compression from calibration data, outside a training run",
+    "OBCQModifier": "one-shot LLM compression from calibration data, outside a training run",
+}
 RUN_TO_END = {"QuantizationModifier"}
 METADATA = "metadata"  # written by Recipe.to_yaml; kept as data, never a variable
 
@@ -189,6 +211,8 @@ def _build(entry, scope: Scope, name: str, group: str, group_line: int) -> Modif
                           f"mapping, got {entry!r}")
     where = f"{name}:{entry.line} {entry.name}"
     cls = MODIFIERS.get(entry.name)
+    if entry.name in REFUSED:
+        raise RecipeError(f"{name}:{entry.line}: !{entry.name} is not supported: {REFUSED[entry.name]}")
     if cls is None:
         raise RecipeError(f"{name}:{entry.line}: unknown modifier !{entry.name}; supported: "
                           f"{', '.join(sorted(MODIFIERS))}")
