@@ -231,6 +231,33 @@ def test_unused_sampler_key_warns():
 
 
 # -- 2 real gloo ranks --------------------------------------------------------------------------------------
+def _one_shot_on_rank(rank: int, port: int, out: str) -> None:
+    """A spawned rank: half of the 32 gradient samples (every other batch), Fisher sums all-reduced."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    x, y, _ = regression_data()
+    model = Regression(torch.randn(4, 16, generator=torch.Generator().manual_seed(4)))
+    modifier = one_shot(model, 0.5, batches=batches_of(x, y, 16)[rank::2], num_grads=32)
+    torch.save({"keep": modifier.masks["lin.weight"], "weight": model.lin.weight.detach()}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process_with_the_union_of_their_samples(tmp_path):
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    mp.spawn(_one_shot_on_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(rank0["keep"], rank1["keep"]) and torch.equal(rank0["weight"], rank1["weight"])
+    x, y, _ = regression_data()
+    model = Regression(torch.randn(4, 16, generator=torch.Generator().manual_seed(4)))
+    single = one_shot(model, 0.5, batches=batches_of(x, y, 16), num_grads=32)  # batches 0..31: both ranks' samples
+    assert torch.equal(single.masks["lin.weight"], rank0["keep"])
+    torch.testing.assert_close(model.lin.weight.detach(), rank0["weight"], rtol=1e-4, atol=1e-4)  # float32 sums, another order
+
+
+# -- 2 real gloo ranks --------------------------------------------------------------------------------------
 DISTRIBUTED_RECIPE = r"""
 training_modifiers:
   - !EpochRangeModifier
