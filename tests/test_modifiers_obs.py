@@ -48,7 +48,8 @@ def one_shot(model, sparsity, mask_type="unstructured", num_grads=32, block=8, g
              batches=None, rounds=1, cls=OBSPruningModifier, **extra):
     """Prune ``model.lin.weight`` once, at step 0, to ``sparsity``; returns the modifier."""
     kwargs = dict(params=["lin.weight"], init_sparsity=sparsity, final_sparsity=sparsity, start_epoch=0.0,
-                  end_epoch=0.0, update_frequency=1.0, mask_type=mask_type, global_sparsity=global_sparsity, **extra)
+                  end_epoch=0.0, update_frequency=1.0, mask_type=mask_type, global_sparsity=global_sparsity)
+    kwargs.update(extra)
     if cls is OBSPruningModifier:
         kwargs.update(num_grads=num_grads, fisher_block_size=block, damp=DAMP, num_recomputations=rounds,
                       grad_sampler_kwargs={"batch_size": 16})
@@ -158,6 +159,16 @@ def test_global_sparsity_and_recomputations():
     assert drawn == [5] * 24  # 3 rounds of 8 gradients each, batch size from grad_sampler_kwargs
     assert int((~modifier.masks["lin.weight"]).sum()) == round(0.6 * 64)
     assert torch.equal(model.lin.weight == 0, ~modifier.masks["lin.weight"])
+
+
+def test_obs_init_sparsity_from_param():
+    x, y, _ = regression_data()
+    weight = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
+    weight[:, :4] = 0.0  # 25% already zero
+    model = Regression(weight)
+    modifier = one_shot(model, 0.5, batches=batches_of(x, y, 16), init_sparsity="__FROM_PARAM__")
+    assert modifier.from_param == {"lin.weight": 0.25}
+    assert int((model.lin.weight == 0).sum()) == 32 and not model.lin.weight[:, :4].any()
 
 
 OBS_RECIPE = """

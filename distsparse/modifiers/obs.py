@@ -127,11 +127,11 @@ class OBSPruningModifier(GMPruningModifier):
             raise RecipeError(f"{self.where}: needs training batches to sample gradients (State.grad_batches is unset)")
         params = dict(state.model.named_parameters())
         weights = [params[n] for n in self.names]
-        target = self.sparsity_at(state.step, state.steps_per_epoch)
+        targets = [self.sparsity_at(state.step, state.steps_per_epoch, init) for init in self.init_sparsities(state)]
         start, began = self._current_sparsity(), time.perf_counter()
         for round_index in range(1, self.num_recomputations + 1):
             fraction = round_index / self.num_recomputations
-            self._prune_round(state, weights, [s + (target - s) * fraction for s in start])
+            self._prune_round(state, weights, [s + (t - s) * fraction for s, t in zip(start, targets)])
         state.logs["obs/step_seconds"] = time.perf_counter() - began
 
     def _current_sparsity(self) -> list[float]:
