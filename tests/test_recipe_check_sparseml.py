@@ -14,7 +14,7 @@ from distsparse.events import Event, State, fire
 from distsparse.recipe import load_recipe
 
 FIXTURES = ROOT / "tests" / "fixtures" / "sparseml_recipes"
-RECIPES = sorted(p for p in FIXTURES.iterdir() if p.suffix in (".yaml", ".md") and p.name != "NOTICE.md")
+RECIPES = sorted(p for p in FIXTURES.iterdir() if p.suffix in (".yaml", ".md") and p.name not in ("NOTICE.md", "README.md"))
 SHARED_RECIPES = sorted((SHARED / "recipes-sparseml").glob("*.yaml")) if SHARED.is_dir() else []
 
 
