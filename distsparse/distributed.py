@@ -3,7 +3,8 @@
 Modifiers never talk to torch.distributed or DeepSpeed themselves; they call these functions,
 which are no-ops in a single process:
 
-- ``broadcast_`` / ``all_reduce_min_max_``: the two fused collectives masks and observers use;
+- ``broadcast_`` / ``all_reduce_min_max_`` / ``all_reduce_sum_``: the fused collectives masks,
+  observers and OBS's Fisher sums use;
 - ``full_parameters`` / ``mask_parameter_``: read and write weights wherever this rank keeps
   them (plain tensor, ZeRO-3 partition, DeepSpeed's fp32 master copy);
 - ``check_rank_consistency``: digests of masks, quantization parameters and replicated weights,
@@ -76,6 +77,23 @@ def all_reduce_min_max_(mins: torch.Tensor, maxs: torch.Tensor) -> None:
     n = mins.numel()
     mins.copy_((-flat[:n]).view_as(mins))
     maxs.copy_(flat[n:].view_as(maxs))
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor], bucket_numel: int = 1 << 26) -> None:
+    """Sum ``tensors`` across ranks in place, fused into buckets of about ``bucket_numel`` elements
+    (one collective per bucket: OBS's Fisher sums of a BERT-base are ~4e9 elements, a single
+    concatenated copy would double the memory they take)."""
+    if not _active() or not tensors:
+        return
+    bucket: list[torch.Tensor] = []
+    for i, t in enumerate(tensors):
+        bucket.append(t)
+        if i == len(tensors) - 1 or sum(b.numel() for b in bucket) + tensors[i + 1].numel() > bucket_numel:
+            flat = torch.cat([b.reshape(-1) for b in bucket]) if len(bucket) > 1 else bucket[0].reshape(-1).clone()
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(part.view_as(b))
+            bucket = []
 
 
 def any_rank(flag: bool) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -47,6 +48,9 @@ class State:
     loss: Any = None
     loss_parts: dict = field(default_factory=dict)  # named loss terms for logging (task, distill)
     logs: dict = field(default_factory=dict)  # scalars modifiers want logged at this step
+    # grad_batches(batch_size) -> an endless iterator of batches (on device, this rank's shard of the
+    # training data, in a seeded order): what OBS pruning samples its gradients from.
+    grad_batches: Callable[[int], Iterator[dict]] | None = None
 
     @property
     def epoch(self) -> float:

@@ -7,6 +7,8 @@ from torch import nn
 
 from .errors import RecipeError
 
+ORIGINAL_NAMES = "_distsparse_original_names"  # set by LayerPruningModifier: {current name: name in the recipe's model}
+
 
 def prunable(model: nn.Module) -> list[str]:
     """Weights of Linear and Embedding layers, as SparseML's __ALL_PRUNABLE__."""
@@ -18,12 +20,15 @@ def prunable(model: nn.Module) -> list[str]:
 
 
 def select_params(model: nn.Module, spec, where: str = "params") -> list[str]:
-    """Resolve a recipe's ``params`` value into parameter names, in model order.
+    """Resolve a recipe's ``params`` value into parameter names, in model order. After layers were
+    dropped, entries match the original names and the current names are returned.
 
     A name or pattern that matches nothing is an error: a recipe written for another model
     must not silently prune nothing.
     """
-    names = [n for n, _ in model.named_parameters()]
+    current = [n for n, _ in model.named_parameters()]
+    original = getattr(model, ORIGINAL_NAMES, None) or {n: n for n in current}
+    names = [original[n] for n in current]  # the recipe names parameters as the model was before layers left
     entries = [spec] if isinstance(spec, str) else list(spec or [])
     if not entries:
         raise RecipeError(f"{where}: params is empty")
@@ -32,7 +37,7 @@ def select_params(model: nn.Module, spec, where: str = "params") -> list[str]:
         if entry == "__ALL__":
             found = names
         elif entry == "__ALL_PRUNABLE__":
-            found = [n for n in prunable(model) if n in set(names)]
+            found = [original[n] for n in prunable(model) if n in original]
         elif entry.startswith("re:"):
             try:
                 pattern = re.compile(entry[3:])
@@ -44,4 +49,4 @@ def select_params(model: nn.Module, spec, where: str = "params") -> list[str]:
         if not found:
             raise RecipeError(f"{where}: params: {entry!r} matches no parameter of the model")
         chosen.update(found)
-    return [n for n in names if n in chosen]
+    return [n for n in current if original[n] in chosen]

@@ -36,6 +36,7 @@ from .data import build_task
 from .errors import UserError, run_command
 from .events import NO_DECAY, Event, State, fire
 from .fake_quant import fake_quants
+from .modifiers.obs import grad_batches_for
 from .recipe import load_recipe
 from .savedmodel import RECIPE_FILE, load_quantization, save_model, sparsity_report
 
@@ -129,6 +130,7 @@ def setup(args: argparse.Namespace) -> Run:
     total_steps = math.ceil((recipe.num_epochs or args.num_train_epochs) * steps_per_epoch)
 
     state = State(model=model, steps_per_epoch=steps_per_epoch, accelerator=accelerator)
+    state.grad_batches = grad_batches_for(task.train, task.collator, args.seed, accelerator.device, state)
     with distributed.full_parameters(model):  # ZeRO-3 loads partitioned (zero.Init): INIT sees whole weights
         fire(recipe.modifiers, Event.INIT, state)
     if evaluate_saved:

@@ -309,7 +309,7 @@ def test_timeline_says_what_and_when():
     (dict(final_sparsity=1.0), "final_sparsity"),
     (dict(init_sparsity=-0.1), "init_sparsity"),
     (dict(init_sparsity=0.9, final_sparsity=0.5), "init_sparsity"),
-    (dict(init_sparsity="__FROM_PARAM__"), "init_sparsity"),
+    (dict(init_sparsity="half"), "init_sparsity"),
     (dict(final_sparsity={0.9: ["0.weight"]}), "final_sparsity"),
     (dict(final_sparsity=None), "final_sparsity"),
     (dict(inter_func="quadratic"), "inter_func"),

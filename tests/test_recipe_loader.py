@@ -162,11 +162,11 @@ def test_recipe_args_parsing_and_unknown_keys():
 def test_unknown_modifier_lists_supported(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("version: 1\nmodifiers:\n  - !EpochRangeModifier\n    end_epoch: 2\n"
-                    "  - !MovementPruningModifier\n    end_epoch: 2\n")
+                    "  - !NoSuchPruningModifier\n    end_epoch: 2\n")
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     message = str(err.value)
-    assert message.startswith(f"{path}:5: unknown modifier !MovementPruningModifier; supported: ")
+    assert message.startswith(f"{path}:5: unknown modifier !NoSuchPruningModifier; supported: ")
     assert all(name in message for name in MODIFIERS) and "GMPruningModifier" in MODIFIERS
 
 

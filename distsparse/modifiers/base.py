@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 from ..errors import RecipeError
@@ -61,6 +62,10 @@ class Modifier:
     def load_state_dict(self, state_dict: dict) -> None:
         pass
 
+    def expand(self) -> list["Modifier"]:
+        """The modifiers this recipe entry stands for (one, unless a key lists several targets)."""
+        return [self]
+
     # -- recipe check -------------------------------------------------------------------------
     def timeline(self, steps_per_epoch: int) -> list[tuple[int, str]]:
         """(step, what happens) pairs for ``distsparse recipe check``."""
@@ -74,6 +79,11 @@ class Modifier:
         """Raise RecipeError for values out of range; called by the recipe loader."""
         if self.start_epoch >= 0 and self.end_epoch >= 0 and self.end_epoch < self.start_epoch:
             self.fail("end_epoch", f"{self.end_epoch} is before start_epoch {self.start_epoch}")
+
+    def ignored(self, key: str, default, reason: str) -> None:
+        """One warning when a SparseML key we accept but do not act on is set to something else."""
+        if getattr(self, key) != default:
+            warnings.warn(f"{self.where}: {key} {getattr(self, key)!r} is ignored: {reason}", stacklevel=3)
 
     def fail(self, key: str, reason: str):
         raise RecipeError(f"{self.where}: {key}: {reason}")

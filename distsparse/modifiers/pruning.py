@@ -13,8 +13,7 @@ import math
 import re
 import sys
 import weakref
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +24,7 @@ from ..params import select_params
 from .base import Modifier, register
 
 INTER_FUNCS = ("linear", "cubic", "inverse_cubic")
+FROM_PARAM = "__FROM_PARAM__"  # SparseML: start from the sparsity each parameter already has
 MASK_TYPES = "unstructured, block4 (also block or [1, 4]: 1x4 blocks), or 'N:M' such as '2:4'"
 
 # Per model, every parameter any pruning modifier masks -> (zeros, size) at its last mask change:
@@ -136,6 +136,10 @@ def _log_sparsity(state: State, names: list[str]) -> None:
     state.logs["sparsity/global"] = sum(z for z, _ in counts.values()) / sum(t for _, t in counts.values())
 
 
+def _fmt(value) -> str:
+    return value if isinstance(value, str) else format(value, "g")
+
+
 def _spec(params) -> str:
     entries = [params] if isinstance(params, str) else list(params)
     return ", ".join(entries) if len(entries) <= 2 else f"{entries[0]}, ... ({len(entries)} entries)"
@@ -214,6 +218,7 @@ class _MaskingModifier(Modifier):
 
     def validate(self) -> None:
         super().validate()
+        self.ignored("log_types", "__ALL__", "every sparsity is logged")
         if not self.params:
             self.fail("params", "required: parameter names, re: patterns, __ALL__ or __ALL_PRUNABLE__")
 
@@ -227,6 +232,10 @@ class ConstantPruningModifier(_MaskingModifier):
     """
 
     update_frequency: float = -1.0  # SparseML key, unused
+
+    def validate(self) -> None:
+        super().validate()
+        self.ignored("update_frequency", -1.0, "the mask is fixed once, at start_epoch")
 
     def init_masks(self, state: State) -> None:
         if self.start_step(state.steps_per_epoch) == 0:
@@ -256,17 +265,19 @@ class GMPruningModifier(_MaskingModifier):
     Masks are recomputed from the current weights at start_step, every update_frequency epochs
     (rounded to whole steps, at least one; -1 means every step) and at end_step, where
     final_sparsity is reached exactly. Each tensor is pruned to the scheduled sparsity on its own
-    (GlobalMagnitudePruningModifier: one threshold across all). With leave_enabled the masks keep
-    being applied after end_epoch.
+    (global_sparsity, GlobalMagnitudePruningModifier: one threshold across all). With leave_enabled
+    the masks keep being applied after end_epoch. ``init_sparsity: __FROM_PARAM__`` starts each
+    tensor (global: all of them) from the zeros it has at start_epoch; ``final_sparsity: {0.8:
+    [params], ...}`` becomes one modifier per target (``expand``).
     """
 
-    init_sparsity: float | str | None = None  # str: SparseML's __FROM_PARAM__, refused with a reason
-    final_sparsity: float | dict | None = None  # dict: SparseML's {sparsity: [params]}, refused with a reason
+    init_sparsity: float | str | None = None  # str: SparseML's __FROM_PARAM__
+    final_sparsity: float | dict | None = None  # dict: SparseML's {sparsity: [params]}
     update_frequency: float | None = None
     inter_func: str = "cubic"
     leave_enabled: bool = True
     mask_type: str | list[int] = "unstructured"
-    global_sparsity: ClassVar[bool] = False
+    global_sparsity: bool = False
 
     @property
     def pattern(self) -> tuple:
@@ -279,15 +290,28 @@ class GMPruningModifier(_MaskingModifier):
         start, end = self.start_step(steps_per_epoch), self.end_step(steps_per_epoch)
         return [*range(start, end, self._interval(steps_per_epoch)), end]
 
-    def sparsity_at(self, step: int, steps_per_epoch: int) -> float:
-        """The sparsity the masks hold during optimizer step ``step`` (0 before start_epoch)."""
+    def expand(self) -> list[Modifier]:
+        """The dict form of final_sparsity as one modifier per target sparsity, in file order."""
+        if not isinstance(self.final_sparsity, dict):
+            return [self]
+        parts = []
+        for target, names in self.final_sparsity.items():
+            part = replace(self, params=names, final_sparsity=target)
+            part.where = self.where
+            parts.append(part)
+        return parts
+
+    def sparsity_at(self, step: int, steps_per_epoch: int, init: float | None = None) -> float:
+        """The sparsity the masks hold during optimizer step ``step`` (0 before start_epoch);
+        ``init`` replaces init_sparsity (__FROM_PARAM__: the sparsity measured at start_epoch)."""
+        init = self.init_sparsity if init is None else init
         start, end = self.start_step(steps_per_epoch), self.end_step(steps_per_epoch)
         if step < start:
             return 0.0
         interval = self._interval(steps_per_epoch)
         last_update = end if step >= end else start + (step - start) // interval * interval
         progress = 1.0 if end == start else (last_update - start) / (end - start)
-        return interpolate(progress, self.init_sparsity, self.final_sparsity, self.inter_func)
+        return interpolate(progress, init, self.final_sparsity, self.inter_func)
 
     def init_masks(self, state: State) -> None:
         params = dict(state.model.named_parameters())
@@ -298,6 +322,22 @@ class GMPruningModifier(_MaskingModifier):
                 self.fail("mask_type", f"{self.mask_type} needs 2-D weights whose input size divides by {size}; "
                                        f"{name} has shape {shape}")
         self.masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in self.names}
+        self.from_param: dict[str, float] = {}
+
+    def init_sparsities(self, state: State) -> list[float]:
+        """init_sparsity per parameter (global: the same for all); __FROM_PARAM__ measures the zeros
+        once, at the first update, and the checkpoint keeps the values."""
+        if self.init_sparsity != FROM_PARAM:
+            return [self.init_sparsity] * len(self.names)
+        if not self.from_param:
+            params = dict(state.model.named_parameters())
+            zeros = {n: int((params[n] == 0).sum()) for n in self.names}
+            if self.global_sparsity:
+                overall = sum(zeros.values()) / sum(params[n].numel() for n in self.names)
+                self.from_param = {n: overall for n in self.names}
+            else:
+                self.from_param = {n: zeros[n] / params[n].numel() for n in self.names}
+        return [self.from_param[n] for n in self.names]
 
     def update_due(self, state: State) -> bool:
         start, end = self.start_step(state.steps_per_epoch), self.end_step(state.steps_per_epoch)
@@ -306,10 +346,22 @@ class GMPruningModifier(_MaskingModifier):
 
     def update_masks(self, state: State) -> None:
         params = dict(state.model.named_parameters())
-        target = self.sparsity_at(state.step, state.steps_per_epoch)
-        keeps = magnitude_masks([params[n] for n in self.names], [self.masks[n] for n in self.names],
-                                target, self.pattern, self.global_sparsity)
-        self.set_masks(state, dict(zip(self.names, keeps)))
+        weights, keeps = [params[n] for n in self.names], [self.masks[n] for n in self.names]
+        targets = [self.sparsity_at(state.step, state.steps_per_epoch, init) for init in self.init_sparsities(state)]
+        if self.global_sparsity:
+            new = magnitude_masks(weights, keeps, targets[0], self.pattern, global_sparsity=True)
+        else:
+            new = [magnitude_masks([w], [k], t, self.pattern)[0] for w, k, t in zip(weights, keeps, targets)]
+        self.set_masks(state, dict(zip(self.names, new)))
+
+    def state_dict(self) -> dict:
+        if not getattr(self, "from_param", None):
+            return super().state_dict()
+        return {**super().state_dict(), "from_param": {n: torch.tensor(v) for n, v in self.from_param.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.from_param = {n: float(v) for n, v in state_dict.get("from_param", {}).items()}
 
     def masking(self, state: State) -> bool:
         return self.started(state) and (self.leave_enabled or not self.ended(state))
@@ -323,26 +375,31 @@ class GMPruningModifier(_MaskingModifier):
         scope = "one global threshold" if self.global_sparsity else "each tensor"
         after = "masks stay applied (leave_enabled)" if self.leave_enabled else "masks no longer applied"
         return [
-            (updates[0], f"{name}: {self.inter_func} sparsity {self.init_sparsity:g} -> {self.final_sparsity:g}, "
+            (updates[0], f"{name}: {self.inter_func} sparsity {_fmt(self.init_sparsity)} -> {self.final_sparsity:g}, "
                          f"{shape}, {scope}, {len(updates)} mask updates every {self._interval(steps_per_epoch)} "
                          f"steps ({_spec(self.params)})"),
-            (mid, f"{name}: sparsity {self.sparsity_at(mid, steps_per_epoch):.4g}"),
+            (mid, f"{name}: sparsity {self.sparsity_at(mid, steps_per_epoch, self._shown_init()):.4g}"),
             (updates[-1], f"{name} ends: sparsity {self.final_sparsity:g} reached; {after}"),
         ]
 
+    def _shown_init(self) -> float:
+        """For the timeline: __FROM_PARAM__ is unknown before the run; shown as from 0."""
+        return 0.0 if self.init_sparsity == FROM_PARAM else self.init_sparsity
+
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.init_sparsity, str):
-            self.fail("init_sparsity", f"{self.init_sparsity!r}: give a number (__FROM_PARAM__ is not supported)")
+        if isinstance(self.init_sparsity, str) and self.init_sparsity != FROM_PARAM:
+            self.fail("init_sparsity", f"{self.init_sparsity!r}: give a number or {FROM_PARAM}")
         if isinstance(self.final_sparsity, dict):
-            self.fail("final_sparsity", "the {sparsity: [params]} form is not supported; write one modifier per sparsity")
+            self.fail("final_sparsity", "the {sparsity: [params]} form must be expanded before validation")
         for key in ("init_sparsity", "final_sparsity", "update_frequency"):
             if getattr(self, key) is None:
                 self.fail(key, "required")
         for key in ("init_sparsity", "final_sparsity"):
-            if not 0 <= getattr(self, key) < 1:
-                self.fail(key, f"{getattr(self, key)} is outside [0, 1)")
-        if self.init_sparsity > self.final_sparsity:
+            value = getattr(self, key)
+            if value != FROM_PARAM and not (isinstance(value, (int, float)) and 0 <= value < 1):
+                self.fail(key, f"{value} is outside [0, 1)")
+        if self.init_sparsity != FROM_PARAM and self.init_sparsity > self.final_sparsity:
             self.fail("init_sparsity", f"{self.init_sparsity} exceeds final_sparsity {self.final_sparsity}: "
                                        "pruned weights are never revived")
         if self.end_epoch < 0:
@@ -371,4 +428,4 @@ class MagnitudePruningModifier(GMPruningModifier):
 class GlobalMagnitudePruningModifier(GMPruningModifier):
     """GMP with one magnitude threshold across all its parameters: layers end at different sparsities."""
 
-    global_sparsity: ClassVar[bool] = True
+    global_sparsity: bool = True

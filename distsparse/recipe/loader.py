@@ -27,6 +27,28 @@ from .variables import Scope
 from .yaml_io import Map, Tagged, brief
 
 SUFFIXES = (".yaml", ".yml", ".md")
+# SparseML's other PyTorch modifiers: refused at load, each with why (a silent no-op would train
+# something other than what the recipe says).
+_NOT_HERE = "not implemented here"
+REFUSED = {
+    "LearningRateModifier": "torch step schedulers (StepLR, MultiStepLR, ExponentialLR) are not supported; "
+                            "write the schedule with LearningRateFunctionModifier or SetLearningRateModifier",
+    "TrainableParamsModifier": f"{_NOT_HERE}: freezing parameters on a schedule changes what DDP/DeepSpeed reduce "
+                               "after they wrapped the model",
+    "SetParamModifier": f"{_NOT_HERE}: it overwrites parameter values on a schedule",
+    "GradualParamModifier": f"{_NOT_HERE}: it overwrites parameter values on a schedule",
+    "MFACPruningModifier": f"{_NOT_HERE}; OBSPruningModifier is the second-order pruner (oBERT)",
+    "MovementPruningModifier": f"{_NOT_HERE}; use GMPruningModifier or OBSPruningModifier",
+    "ACDCPruningModifier": f"{_NOT_HERE}: alternating dense/sparse phases revive pruned weights",
+    "RigLPruningModifier": f"{_NOT_HERE}: regrowing pruned weights by gradient",
+    "TopKASTPruningModifier": f"{_NOT_HERE}: separate forward and backward sparsity",
+    "PowerpropagationModifier": f"{_NOT_HERE}: it reparametrizes the weights",
+    "StructuredPruningModifier": f"{_NOT_HERE}: channel/head pruning changes tensor shapes",
+    "LayerThinningModifier": f"{_NOT_HERE}: thinning changes tensor shapes",
+    "PerLayerDistillationModifier": f"{_NOT_HERE}: DistillationModifier distills the model outputs",
+    "SparseGPTModifier": "one-shot LLM compression from calibration data, outside a training run",
+    "OBCQModifier": "one-shot LLM compression from calibration data, outside a training run",
+}
 RUN_TO_END = {"QuantizationModifier"}
 METADATA = "metadata"  # written by Recipe.to_yaml; kept as data, never a variable
 # More than any fine-tuning recipe: keeps epochs x steps far from float overflow and timelines small.
@@ -97,7 +119,7 @@ def load_recipe(source, recipe_args=None) -> Recipe:
             if _is_group(key):
                 if not isinstance(entries, (list, type(None))):
                     raise RecipeError(f"{name}:{level.lines[key]}: {key}: must be a list of !ModifierName entries")
-                built = [_build(entry, scope, name, key, level.lines[key]) for entry in entries or []]
+                built = [part for entry in entries or [] for part in _build(entry, scope, name, key, level.lines[key]).expand()]
                 groups[key if stage is None else f"{stage}_{key}"] = built
                 stages[-1].extend(built)
     _offset_stages(stages)
@@ -105,8 +127,9 @@ def load_recipe(source, recipe_args=None) -> Recipe:
         for modifier in stage_modifiers:
             modifier.validate()
     check_epoch_ranges([m for s in stages for m in s])
-    return Recipe(
-        modifiers=[m for s in stages for m in s],
+    modifiers = [m for s in stages for m in s]
+    return Recipe(  # structure first: parameter names in every other modifier refer to the model it leaves
+        modifiers=sorted(modifiers, key=lambda m: not getattr(m, "changes_structure", False)),
         variables={k: top.get(k) for k in top.raw},
         source=name, groups=groups, metadata=doc.get(METADATA),
     )
@@ -201,6 +224,8 @@ def _build(entry, scope: Scope, name: str, group: str, group_line: int) -> Modif
                           f"mapping, got {brief(entry)}")
     where = f"{name}:{entry.line} {entry.name}"
     cls = MODIFIERS.get(entry.name)
+    if entry.name in REFUSED:
+        raise RecipeError(f"{name}:{entry.line}: !{entry.name} is not supported: {REFUSED[entry.name]}")
     if cls is None:
         raise RecipeError(f"{name}:{entry.line}: unknown modifier !{entry.name}; supported: "
                           f"{', '.join(sorted(MODIFIERS))}")
