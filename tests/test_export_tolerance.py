@@ -17,7 +17,7 @@ from distsparse.train import main as train
 from export_helpers import QAT_RECIPE, replace_initializer, train_by_hand
 
 TEXT = EXPORT_TASKS["text-classification"]
-SHIPPED = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
+SHIPPED = sorted(p.name for p in (ROOT / "distsparse" / "recipes").glob("*.yaml"))
 # The seed's SparseML recipe, shortened: constant pruning, QAT with embeddings quantized and
 # linear outputs not, observers frozen before the end, distillation from a teacher.
 SEED_SHAPED = """
@@ -70,7 +70,7 @@ def train_with(recipe, model_dir, tmp_path):
 
 @pytest.mark.parametrize("recipe_name", SHIPPED + ["seed-shaped"])
 def test_every_recipe_exports_with_default_settings(recipe_name, tmp_path, tiny_model_dir):
-    recipe = ROOT / "recipes" / recipe_name
+    recipe = ROOT / "distsparse" / "recipes" / recipe_name
     if recipe_name == "seed-shaped":
         recipe = tmp_path / "seed.yaml"
         recipe.write_text(SEED_SHAPED)

@@ -25,7 +25,7 @@ from distsparse.recipe import load_recipe, yaml_io
 sys.path.insert(0, str(ROOT / "bench"))
 import recipe_check_cost  # noqa: E402  (bench/ is no package)
 
-DENSE = ROOT / "recipes" / "dense.yaml"  # EpochRangeModifier at line 14, its end_epoch at line 16
+DENSE = ROOT / "distsparse" / "recipes" / "dense.yaml"  # EpochRangeModifier at line 14, its end_epoch at line 16
 
 # The benchmark's hostile recipes (name -> (what, text)), each with the refusal after "file", as a regex.
 BOMBS = recipe_check_cost.bombs()
