@@ -18,6 +18,7 @@ from export_helpers import QAT_RECIPE, replace_initializer, train_by_hand
 
 TEXT = EXPORT_TASKS["text-classification"]
 SHIPPED = sorted(p.name for p in (ROOT / "distsparse" / "recipes").glob("*.yaml"))
+assert len(SHIPPED) >= 6, "the shipped recipes moved: no recipe found to export"
 # The seed's SparseML recipe, shortened: constant pruning, QAT with embeddings quantized and
 # linear outputs not, observers frozen before the end, distillation from a teacher.
 SEED_SHAPED = """
