@@ -27,7 +27,7 @@ quantization_modifiers:
     start_epoch: 0.5
     submodules: [bert.encoder, classifier]
 """, num_epochs=3.0)
-STEPS_PER_EPOCH, EPOCHS = 6, 3
+STEPS_PER_EPOCH, EPOCHS = 5, 3  # 40 rows at batch 8
 
 
 class Payload:
@@ -48,7 +48,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     tiny_bert(sparsity=0.5, dropout=0.1).save_pretrained(root / "model")
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(root / "model")
-    rows = [f"sample {i} {'good fine great' if i % 2 else 'bad poor awful'} text {i % 7},{i % 2}" for i in range(48)]
+    rows = [f"sample {i} {'good fine great' if i % 2 else 'bad poor awful'} text {i % 7},{i % 2}" for i in range(40)]
     (root / "train.csv").write_text("sentence,label\n" + "\n".join(rows) + "\n")
     (root / "recipe.yaml").write_text(RECIPE)
     return root
@@ -168,7 +168,7 @@ def test_recipe_state_is_keyed_by_modifier(files, finished, tmp_path, capsys):
 
 # -- exact resume after SIGKILL ---------------------------------------------------------------------------
 def launch(files: Path, out: Path, ranks: int, *extra: str) -> list[str]:
-    train = ["-m", "distsparse.train", *job_args(files, out, "--save_strategy", "steps", "--save_steps", "4",
+    train = ["-m", "distsparse.train", *job_args(files, out, "--save_strategy", "steps", "--save_steps", "3",
                                                  "--save_total_limit", "10",
                                                  "--per_device_train_batch_size", str(8 // ranks), *extra)]
     if ranks == 1:
@@ -219,7 +219,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(files, tmp_path, ranks):
     env = env_for(files)
     full, split = tmp_path / "full", tmp_path / "split"
     run_to_end(launch(files, full, ranks), env)
-    kill_after_checkpoint(launch(files, split, ranks), env, step=8)  # step 8: epoch 1, 2 steps in
+    kill_after_checkpoint(launch(files, split, ranks), env, step=6)  # checkpoints at 3, 6, 9, 12: all mid-epoch
     resumed_from = checkpoint.resolve_resume("latest", split)
     assert int(resumed_from.name.split("-")[1]) % STEPS_PER_EPOCH != 0  # mid-epoch, whichever the kill hit
     run_to_end(launch(files, split, ranks, "--resume_from_checkpoint", "latest"), env)
