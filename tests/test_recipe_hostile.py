@@ -148,11 +148,11 @@ def test_recipe_args_cannot_make_epochs_bad(recipe_args, reason):
 
 def test_overlapping_epoch_ranges_are_refused_identical_and_disjoint_allowed():
     two = EPOCH_RANGE.format(start=0, end=3) + EPOCH_RANGE.removeprefix("modifiers:\n")
-    with pytest.raises(RecipeError, match=r"^<string>:5 EpochRangeModifier: end_epoch: epochs 0-5 overlap epochs "
-                                          r"0-3 of the EpochRangeModifier at <string>:2; a recipe trains for one range$"):
+    overlap = r"^<string>:5 EpochRangeModifier: {key}: epochs {mine} overlap epochs 0-3 of the EpochRangeModifier at "
+    with pytest.raises(RecipeError, match=overlap.format(key="end_epoch", mine="0-5") + r"<string>:2; a recipe trains "
+                                                                                         r"for one range$"):
         load_recipe(two.format(start=0, end=5))
-    with pytest.raises(RecipeError, match=r"^<string>:5 EpochRangeModifier: start_epoch: epochs 2-4 overlap "
-                                          r"epochs 0-3"):
+    with pytest.raises(RecipeError, match=overlap.format(key="start_epoch", mine="2-4")):
         load_recipe(two.format(start=2, end=4))
     assert load_recipe(two.format(start=-1, end=3)).num_epochs == 3.0  # -1 is the start: the same range
     assert load_recipe(two.format(start=3, end=5)).num_epochs == 5.0  # one after the other, as flattened stages
@@ -211,3 +211,13 @@ def test_bench_recipe_check_cost_tiny(tmp_path):
     assert [c["exit"] for c in cases[1:]] == [2] * (len(cases) - 1) and len(cases) >= 3
     assert all(c["seconds"] > 0 and c["peak_rss_mib"] > 0 for c in cases)
     assert "| case |" in proc.stdout
+
+
+def test_lr_window_under_one_step_and_literals_python_warns_about():
+    """Found by mutating real recipes: an LR window under one step, and eval text Python only warns about."""
+    from distsparse.recipe.check import timeline_table
+
+    table = timeline_table(load_recipe(DENSE, "num_epochs=1e-300"), 100)
+    assert "LearningRateFunctionModifier: window under one step at 100 steps/epoch: linear schedule skipped" in table
+    with pytest.raises(RecipeError, match=r"^<string>:1: x: eval\(1abc\): not an expression \(invalid decimal literal\)$"):
+        load_recipe("x: eval(1abc)\nmodifiers: []\n")
