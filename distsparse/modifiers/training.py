@@ -123,10 +123,13 @@ class LearningRateFunctionModifier(Modifier):
 
     def timeline(self, steps_per_epoch: int) -> list[tuple[int, str]]:
         start, end = self.start_step(steps_per_epoch), self.end_step(steps_per_epoch)
+        name = "LearningRateFunctionModifier"
+        if end <= start:
+            return [(start, f"{name}: window under one step at {steps_per_epoch} steps/epoch: "
+                            f"{self.lr_func} schedule skipped")]
         mid = (start + end) // 2
         cycle = f", cycles of {_num(self.cycle_epochs)} epochs" if self.lr_func == "cyclic_linear" else ""
         lrs = ", ".join(f"{_num(self.lr_at(s, steps_per_epoch))} at step {s}" for s in sorted({start, mid, end - 1}))
-        name = "LearningRateFunctionModifier"
         return [
             (start, f"{name}: {self.lr_func} lr {_num(self.init_lr)} -> {_num(self.final_lr)}{cycle} (lr {lrs})"),
             (end, f"{name} ends: lr left at final_lr {_num(self.final_lr)} unless another LR modifier starts"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import warnings
 from typing import Any, Callable
 
 from ..errors import RecipeError
@@ -44,7 +45,9 @@ def evaluate(expr: str, lookup: Callable[[str], Any]):
     if len(expr) > MAX_LENGTH:
         raise EvalError(f"eval expression longer than {MAX_LENGTH} characters")
     try:
-        tree = ast.parse(expr.strip(), mode="eval")
+        with warnings.catch_warnings():  # "1abc" warns on stderr first: make it the error, one line
+            warnings.simplefilter("error", SyntaxWarning)
+            tree = ast.parse(expr.strip(), mode="eval")
     except SyntaxError as err:
         raise EvalError(f"eval({expr}): not an expression ({err.msg})") from None
     _check(tree, expr)

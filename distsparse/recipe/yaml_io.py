@@ -158,7 +158,8 @@ def parse(text: str, name: str):
 def check_size(size: int, name: str) -> None:
     """Refuse a recipe too long to be one, before parsing it (PyYAML reads about 100 KB/s)."""
     if size > MAX_BYTES:
-        raise RecipeError(f"{name}: longer than {MAX_BYTES} bytes (1 MiB); real recipes are under 25 KB")
+        raise RecipeError(f"{name}: longer than {MAX_BYTES} bytes ({MAX_BYTES / 2**20:g} MiB); real recipes are "
+                          "under 25 KB")
 
 
 def brief(value) -> str:
