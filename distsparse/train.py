@@ -103,6 +103,9 @@ def setup(args: argparse.Namespace) -> Run:
     distributed.SYNC = not args.debug_disable_rank_sync
     model_path = args.model_name_or_path or default_model()
     preflight.check_before_loading(args, model_path)
+    evaluate_saved = not args.do_train and (Path(model_path) / RECIPE_FILE).is_file()
+    recipe = load_recipe(args.recipe or (Path(model_path) / RECIPE_FILE if evaluate_saved else DEFAULT_RECIPE),
+                         args.recipe_args)
     accelerator = launch.make_accelerator(args)
     guard_output_dir(args, accelerator)
     # Verified before anything loads: a foreign or corrupted checkpoint costs the user no waiting.
@@ -112,12 +115,8 @@ def setup(args: argparse.Namespace) -> Run:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or model_path)
     datasets.disable_progress_bars()  # a bad input must end in one readable line
     transformers.utils.logging.disable_progress_bar()
-    with accelerator.main_process_first():
-        task = build_task(args, tokenizer)
+    task = build_task_everywhere(args, tokenizer, accelerator)
     preflight.check_teacher_labels(args, task.num_labels)
-    evaluate_saved = not args.do_train and (Path(model_path) / RECIPE_FILE).is_file()
-    recipe = load_recipe(args.recipe or (Path(model_path) / RECIPE_FILE if evaluate_saved else DEFAULT_RECIPE),
-                         args.recipe_args)
     say_recipe_overrides(args, recipe, accelerator)
     model = task.model_class.from_pretrained(model_path, **model_kwargs(task))
     teacher = launch.load_teacher(args, model, task.model_class, model_kwargs(task))
@@ -161,6 +160,20 @@ def say_recipe_overrides(args, recipe, accelerator) -> None:
         setter = next((m for m in recipe.modifiers if type(m).__name__ in names), None)
         if flag in args.given and setter is not None:
             accelerator.print(f"--{flag} {getattr(args, flag)}: the recipe's {type(setter).__name__} sets it instead")
+
+
+def build_task_everywhere(args, tokenizer, accelerator):
+    """The task's data, tokenized by rank 0 first (the others read its cache). A bad input stops
+    every rank with the same UserError, each after the barrier, so none waits on a rank that left."""
+    error = None
+    with accelerator.main_process_first():
+        try:
+            task = build_task(args, tokenizer)
+        except UserError as err:
+            error = err
+    if error is not None:
+        raise error
+    return task
 
 
 def model_kwargs(task) -> dict:

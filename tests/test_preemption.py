@@ -64,7 +64,7 @@ def test_signal_checkpoints_and_resume_finishes(files, tmp_path, sig):
 
 def test_bad_input_under_two_ranks_is_one_line(files, tmp_path):
     bad = tmp_path / "bad.csv"
-    bad.write_text("text,label\nhello,0\n")
+    bad.write_text("sentence,target\nhello,0\n")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(ROOT / "launch_configs" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
               "-m", "distsparse.train", *command(files, tmp_path / "out", "--train_file", str(bad))[5:]]
@@ -73,7 +73,7 @@ def test_bad_input_under_two_ranks_is_one_line(files, tmp_path):
     proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("distsparse train: error:")]
-    assert len(ours) == 1 and str(bad) in ours[0] and "missing column" in ours[0], proc.stderr[-2000:]
+    assert len(ours) == 1 and str(bad) in ours[0] and "missing column 'label'" in ours[0], proc.stderr[-2000:]
     assert not re.search(r"^Traceback", proc.stderr, flags=re.M), proc.stderr[-3000:]
 
 
