@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import benchlib as bl
-from distsparse.data import DEFAULT_TRAIN, DEFAULT_VALIDATION
+from distsparse.tasks.files import DEFAULT_TRAIN, DEFAULT_VALIDATION
 
 RUNS = {  # name: (recipe, distill from the dense run)
     "dense": (bl.RECIPES / "dense.yaml", False),
@@ -74,7 +74,7 @@ def plain_step_seconds(args) -> float:
 
     import datasets
 
-    from distsparse.data import read_file
+    from distsparse.tasks.files import read_file
 
     datasets.disable_progress_bars()
 

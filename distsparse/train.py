@@ -25,10 +25,10 @@ from . import distributed, tracking
 from .args import parse_args
 from .checkpoint import TRAINING_STATE, checkpoints, resolve_resume, save_checkpoint, write_json
 from .errors import UserError
-from .data import build_task
 from .events import Event, State, fire
 from .modifiers.training import NO_DECAY
 from .recipe import load_recipe
+from .tasks import build_task
 from .savedmodel import save_model, sparsity_report
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
@@ -88,7 +88,7 @@ def load_teacher(args, model, task):
         with distributed.full_parameters(model):  # ZeRO-3 loads partitioned (zero.Init): copy whole weights
             teacher = copy.deepcopy(model)
     else:
-        teacher = task.model_class.from_pretrained(args.teacher, num_labels=task.num_labels)
+        teacher = task.model_class.from_pretrained(args.teacher, **task.model_kwargs())
     return teacher.eval().requires_grad_(False)
 
 
@@ -99,19 +99,6 @@ def param_groups(model, weight_decay: float):
         (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0, NO_DECAY: True}]  # SetWeightDecayModifier leaves it at 0
-
-
-@torch.no_grad()
-def evaluate(model, loader, accelerator, task) -> dict:
-    model.eval()
-    logits, labels = [], []
-    for batch in loader:
-        out = model(**batch)
-        lg, lb = accelerator.gather_for_metrics((out.logits.float(), batch["labels"]))
-        logits.append(lg.cpu())
-        labels.append(lb.cpu())
-    model.train()
-    return task.compute_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,10 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     with accelerator.main_process_first():
         task = build_task(args, tokenizer)
     recipe = load_recipe(args.recipe or DEFAULT_RECIPE, args.recipe_args)
-    labels = dict(enumerate(task.label_list))
     model = task.model_class.from_pretrained(
-        model_path, num_labels=task.num_labels, id2label=labels,
-        label2id={v: k for k, v in labels.items()}, problem_type=task.problem_type,
+        model_path, **task.model_kwargs(),
         ignore_mismatched_sizes=True,  # a new task head replaces the pretrained one, as in HF's run_glue.py
     )
     teacher = load_teacher(args, model, task)
@@ -179,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate_and_log() -> dict:
         nonlocal metrics_step
-        result = {f"eval/{k}": v for k, v in evaluate(model, eval_dl, accelerator, task).items()}
+        result = {f"eval/{k}": v for k, v in task.evaluate(model, eval_dl, accelerator).items()}
         log(accelerator, result, state.step)
         metrics_step = state.step
         return result
@@ -194,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     while state.step < total_steps:
         epoch = state.step // steps_per_epoch
         train_dl.set_epoch(epoch)
+        task.set_epoch(epoch)
         done_in_epoch = (state.step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
         batches = accelerator.skip_first_batches(train_dl, done_in_epoch) if done_in_epoch else train_dl
         new_step = True

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from ..events import Event, State
 from .base import Modifier, register
 
+TARGETS = ("labels", "start_positions", "end_positions")  # what the task loss needs; the teacher is not given them
+
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,7 +50,7 @@ class DistillationModifier(Modifier):
 
     def apply(self, event: Event, state: State) -> None:
         batch = state.batch
-        keys = self.teacher_input_keys or [k for k in batch if k != "labels"]
+        keys = self.teacher_input_keys or [k for k in batch if k not in TARGETS]
         with torch.no_grad():
             teacher_outputs = state.teacher(**{k: batch[k] for k in keys})
         labels = batch.get("labels")
