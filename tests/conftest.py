@@ -13,7 +13,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("DISTSPARSE_SHARED", ROOT.parent / "shared"))  # ../shared: real data, absent on a fresh clone
 
 
 def minilm_dir() -> Path:
