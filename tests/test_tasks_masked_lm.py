@@ -147,18 +147,19 @@ def test_upstream_pruned_mlm_transfers_to_classification_with_its_zeros(tmp_path
 
 
 def test_resume_mid_epoch_masks_and_trains_exactly(tmp_path, tiny_model_dir, monkeypatch):
-    """2 epochs in one go == stopped after step 3 (mid-epoch 1 of 2) and resumed: masking is part of the state."""
+    """2 epochs in one go == stopped after step 4 and resumed: 11 blocks at batch 4 make 3 steps an epoch, so
+    the resumed run starts inside epoch 1, whose masks (epoch 1's, not epoch 0's) must be drawn again."""
     from distsparse import distributed
 
     assert train(mlm_args(tmp_path, tiny_model_dir, "full", "--eval_strategy", "no")) == 0
     calls = {"n": 0}
 
-    def stop_after_3(flag):
+    def stop_after_4(flag):
         calls["n"] += 1
-        return calls["n"] == 3
+        return calls["n"] == 4
 
     with monkeypatch.context() as m:
-        m.setattr(distributed, "any_rank", stop_after_3)
+        m.setattr(distributed, "any_rank", stop_after_4)
         assert train(mlm_args(tmp_path, tiny_model_dir, "split", "--eval_strategy", "no")) == 0
     assert train(mlm_args(tmp_path, tiny_model_dir, "split", "--eval_strategy", "no", "--resume_from_checkpoint", "latest")) == 0
     full, resumed = (load_file(str(tmp_path / o / "model.safetensors")) for o in ("full", "split"))
