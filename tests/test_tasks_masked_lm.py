@@ -24,18 +24,6 @@ from distsparse.train import main as train
 
 FIXTURE = ROOT / "tests" / "fixtures" / "text_tiny.txt"
 WIKITEXT = SHARED / "data" / "wikitext-2"
-ENCODER = [r"re:bert\.encoder\.layer\.\d+\..*dense\.weight", r"re:bert\.encoder\.layer\.\d+\.attention\.self\.(query|key|value)\.weight"]
-GMP = f"""
-pruning_modifiers:
-  - !GMPruningModifier
-    params: {json.dumps(ENCODER)}
-    start_epoch: 0.0
-    end_epoch: 1.0
-    init_sparsity: 0.5
-    final_sparsity: 0.8
-    update_frequency: 0.5
-    inter_func: linear
-"""
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +94,10 @@ def test_text_without_lines_is_one_line(tmp_path, tiny_model_dir, capsys):
 
 
 def mlm_args(tmp_path, model_dir, out, *extra):
-    (tmp_path / "mlm.yaml").write_text(small_recipe(GMP, num_epochs=2.0, init_lr=1e-3))
-    return ["--task", "masked-lm", "--model_name_or_path", str(model_dir), "--recipe", str(tmp_path / "mlm.yaml"),
+    """recipes/mlm_gmp80.yaml, shortened: GMP to 80% over epoch 0, distilled from the start model's MLM logits."""
+    return ["--task", "masked-lm", "--model_name_or_path", str(model_dir), "--teacher", "self",
+            "--recipe", str(ROOT / "recipes" / "mlm_gmp80.yaml"),
+            "--recipe_args", "num_epochs=2,pruning_epochs=1,update_frequency=0.34,init_lr=0.001",
             "--train_file", str(FIXTURE), "--validation_file", str(FIXTURE), "--max_seq_length", "16",
             "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "0", "--save_strategy", "no",
             "--output_dir", str(tmp_path / out), *extra]
@@ -118,10 +108,11 @@ def encoder_zeros(state_dict) -> dict[str, torch.Tensor]:
             and "LayerNorm" not in k}
 
 
-def test_upstream_pruned_mlm_transfers_to_classification_with_its_zeros(tmp_path, tiny_model_dir):
+def test_upstream_pruned_mlm_transfers_to_classification_with_its_zeros(tmp_path, tiny_model_dir, capsys):
     from transformers import AutoModelForMaskedLM
 
     assert train(mlm_args(tmp_path, tiny_model_dir, "mlm")) == 0
+    assert "train/distill_loss=" in capsys.readouterr().out
     upstream = tmp_path / "mlm"
     assert type(AutoModelForMaskedLM.from_pretrained(upstream)).__name__ == "BertForMaskedLM"
     metrics = json.loads((upstream / "trainer_state.json").read_text())["metrics"]
@@ -189,9 +180,8 @@ def test_minilm_pruned_to_80_percent_on_wikitext_lowers_eval_loss(tmp_path):
     start = AutoModelForMaskedLM.from_pretrained(minilm_dir())
     loader = DataLoader(task.eval, batch_size=32, collate_fn=task.collator)
     before = task.evaluate(start, loader, Accelerator(cpu=True))["loss"]
-    (tmp_path / "gmp.yaml").write_text(small_recipe(GMP.replace("0.5\n", "0.0\n", 1).replace("end_epoch: 1.0", "end_epoch: 1.5"),
-                                                    num_epochs=2.0, init_lr=5e-4))
-    assert train([*argv, "--recipe", str(tmp_path / "gmp.yaml")]) == 0
+    recipe = ["--recipe", str(ROOT / "recipes" / "mlm_gmp80.yaml"), "--recipe_args", "num_epochs=2,pruning_epochs=1.5,init_lr=5e-4"]
+    assert train([*argv, *recipe]) == 0
     metrics = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["metrics"]
     sparsity = encoder_zeros(load_file(str(tmp_path / "out" / "model.safetensors")))
     assert sum(int(z.sum()) for z in sparsity.values()) / sum(z.numel() for z in sparsity.values()) == pytest.approx(0.8, abs=1e-3)

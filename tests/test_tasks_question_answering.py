@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import ROOT, SHARED, minilm_dir, small_recipe
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from distsparse.args import parse_args
@@ -183,17 +184,24 @@ def test_bad_squad_files_are_one_line(tmp_path, tiny_model_dir, capsys, case, me
 def qa_job_args(tmp_path, model_dir, out, *extra, init_lr=1e-3):
     (tmp_path / "recipe.yaml").write_text(small_recipe(DISTILL, num_epochs=2.0, init_lr=init_lr))
     return ["--task", "question-answering", "--model_name_or_path", str(model_dir), "--teacher", "self",
-            "--recipe", str(tmp_path / "recipe.yaml"), "--train_file", str(FIXTURE), "--validation_file", str(FIXTURE),
+            "--recipe", str(tmp_path / "recipe.yaml"), *extra, "--train_file", str(FIXTURE), "--validation_file", str(FIXTURE),
             "--max_seq_length", "48", "--doc_stride", "16", "--per_device_train_batch_size", "8",
             "--per_device_eval_batch_size", "4", "--logging_steps", "1", "--seed", "0", "--save_strategy", "no",
-            "--version_2_with_negative", "--output_dir", str(tmp_path / out), *extra]
+            "--version_2_with_negative", "--output_dir", str(tmp_path / out)]
 
 
-def test_squad2_job_end_to_end_with_distillation(tmp_path, tiny_model_dir, capsys):
+def test_squad_sparse_transfer_recipe_end_to_end(tmp_path, tiny_model_dir, capsys):
+    """recipes/squad_sparse_transfer.yaml on a 50%-sparse tiny BERT: zeros kept, QAT, distilled start/end logits."""
     from transformers import AutoModelForQuestionAnswering
 
-    assert train(qa_job_args(tmp_path, tiny_model_dir, "out")) == 0
+    recipe = ["--recipe", str(ROOT / "recipes" / "squad_sparse_transfer.yaml"),
+              "--recipe_args", "num_epochs=2,qat_epochs=1,frozen_epochs=0.5,init_lr=0.001"]
+    assert train(qa_job_args(tmp_path, tiny_model_dir, "out", *recipe)) == 0
     out = tmp_path / "out"
+    start, trained = (load_file(str(d / "model.safetensors")) for d in (tiny_model_dir, out))
+    zeros = {k: v == 0 for k, v in start.items() if k.startswith("bert.encoder") and k.endswith("dense.weight")}
+    assert zeros and all(trained[k][z].abs().max() == 0 for k, z in zeros.items())
+    assert any("qa_outputs" in k for k in load_file(str(out / "quantization.safetensors")))
     metrics = json.loads((out / "trainer_state.json").read_text())["metrics"]
     assert set(metrics) == {f"eval/{k}" for k in ("exact_match", "f1", "has_answer_exact_match", "has_answer_f1",
                                                    "no_answer_exact_match", "no_answer_f1")}
