@@ -161,7 +161,8 @@ def test_resume_mid_epoch_masks_and_trains_exactly(tmp_path, tiny_model_dir, mon
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared (real data)")
 def test_minilm_pruned_to_80_percent_on_wikitext_lowers_eval_loss(tmp_path):
-    """GMP to 80% of MiniLM's encoder during MLM training on WikiText-2 (valid), evaluated on its test split.
+    """GMP to 80% of MiniLM's encoder during MLM training on WikiText-2 (valid, first 400 lines: a CPU's
+    budget), evaluated on its test split (first 200 lines).
 
     MiniLM ships without an MLM head (a new one starts from random), so the starting loss is high;
     measured here: XX before, YY after.
@@ -171,8 +172,8 @@ def test_minilm_pruned_to_80_percent_on_wikitext_lowers_eval_loss(tmp_path):
     from transformers import AutoModelForMaskedLM
 
     argv = ["--task", "masked-lm", "--model_name_or_path", str(minilm_dir()), "--train_file", str(WIKITEXT / "valid.txt"),
-            "--validation_file", str(WIKITEXT / "test.txt"), "--max_train_samples", "1200", "--max_eval_samples", "300",
-            "--max_seq_length", "128", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "32",
+            "--validation_file", str(WIKITEXT / "test.txt"), "--max_train_samples", "400", "--max_eval_samples", "200",
+            "--max_seq_length", "128", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
             "--save_strategy", "no", "--output_dir", str(tmp_path / "out")]
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     task = build_task(parse_args(argv), tokenizer)
@@ -185,4 +186,5 @@ def test_minilm_pruned_to_80_percent_on_wikitext_lowers_eval_loss(tmp_path):
     metrics = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["metrics"]
     sparsity = encoder_zeros(load_file(str(tmp_path / "out" / "model.safetensors")))
     assert sum(int(z.sum()) for z in sparsity.values()) / sum(z.numel() for z in sparsity.values()) == pytest.approx(0.8, abs=1e-3)
+    print(f"MLM eval loss before {before:.3f}, after {metrics}")  # the numbers the docstring gives
     assert metrics["eval/loss"] < before - 1.0, (before, metrics)

@@ -236,18 +236,19 @@ def test_two_ranks_score_each_question_once(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared (real data)")
 def test_minilm_learns_squad_on_four_articles(tmp_path):
-    """MiniLM fine-tuned on the answerable questions of 4 SQuAD articles answers the fifth's (Victoria).
+    """MiniLM fine-tuned on answerable questions of 4 SQuAD articles answers the fifth's (Victoria).
 
-    Measured here: F1 XX after 2 epochs; the same model before training (an untrained head): F1 YY.
+    Kept short for a CPU: the first 192 of the 4 articles' 581 answerable questions, 2 epochs. Measured
+    here: F1 XX; an untrained head on the same eval set: F1 5.3 (EM 0).
     """
     titles = ["Normans", "Computational_complexity_theory", "Southern_California", "Sky_(United_Kingdom)"]
     train_file = answerable_jsonl(tmp_path / "train.jsonl", SQUAD_DEV, titles)
     eval_file = answerable_jsonl(tmp_path / "eval.jsonl", SQUAD_DEV, ["Victoria_(Australia)"])
-    (tmp_path / "recipe.yaml").write_text(small_recipe(num_epochs=2.0, init_lr=1e-4))
+    (tmp_path / "recipe.yaml").write_text(small_recipe(num_epochs=2.0, init_lr=3e-4))
     argv = ["--task", "question-answering", "--model_name_or_path", str(minilm_dir()),
-            "--recipe", str(tmp_path / "recipe.yaml"), "--train_file", str(train_file),
-            "--validation_file", str(eval_file), "--max_seq_length", "256", "--doc_stride", "64",
+            "--recipe", str(tmp_path / "recipe.yaml"), "--train_file", str(train_file), "--max_train_samples", "192",
+            "--validation_file", str(eval_file), "--max_seq_length", "128", "--doc_stride", "48",
             "--per_device_train_batch_size", "16", "--save_strategy", "no", "--output_dir", str(tmp_path / "out")]
     assert train(argv) == 0
     metrics = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["metrics"]
-    assert metrics["eval/f1"] > 40.0, metrics
+    assert metrics["eval/f1"] > FLOOR, metrics

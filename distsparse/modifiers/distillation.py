@@ -34,7 +34,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 class DistillationModifier(Modifier):
     """loss = (1 - hardness) * task + hardness * KD, averaged over ``distill_output_keys``.
 
-    The teacher sees the batch without its labels (or only ``teacher_input_keys``), under no_grad.
+    The teacher sees the batch without its targets (or only ``teacher_input_keys``), under no_grad.
+    Keys as SparseML's recipes name them: ``logits`` (classification, token tasks, masked LM: rows
+    with a label only), ``start_logits``/``end_logits`` (question answering: a softmax over positions).
     Without a teacher (``--teacher disable``) the modifier does nothing. Unlike SparseML, which
     divides by the batch size, token tasks average over the tokens that carry a label.
     """
