@@ -28,8 +28,8 @@ from .errors import UserError
 from .events import Event, State, fire
 from .modifiers.training import NO_DECAY
 from .recipe import load_recipe
-from .tasks import build_task
 from .savedmodel import save_model, sparsity_report
+from .tasks import build_task
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
