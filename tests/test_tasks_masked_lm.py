@@ -161,8 +161,8 @@ def test_resume_mid_epoch_masks_and_trains_exactly(tmp_path, tiny_model_dir, mon
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared (real data)")
 def test_minilm_pruned_to_80_percent_on_wikitext_lowers_eval_loss(tmp_path):
-    """GMP to 80% of MiniLM's encoder during MLM training on WikiText-2 (valid, first 400 lines: a CPU's
-    budget), evaluated on its test split (first 200 lines).
+    """GMP to 80% of MiniLM's encoder during MLM training on WikiText-2 (valid, first 150 lines: a CPU's
+    budget), evaluated on its test split (first 100 lines).
 
     MiniLM ships without an MLM head (a new one starts from random), so the starting loss is high;
     measured here: XX before, YY after.
@@ -172,7 +172,7 @@ def test_minilm_pruned_to_80_percent_on_wikitext_lowers_eval_loss(tmp_path):
     from transformers import AutoModelForMaskedLM
 
     argv = ["--task", "masked-lm", "--model_name_or_path", str(minilm_dir()), "--train_file", str(WIKITEXT / "valid.txt"),
-            "--validation_file", str(WIKITEXT / "test.txt"), "--max_train_samples", "400", "--max_eval_samples", "200",
+            "--validation_file", str(WIKITEXT / "test.txt"), "--max_train_samples", "150", "--max_eval_samples", "100",
             "--max_seq_length", "128", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
             "--save_strategy", "no", "--output_dir", str(tmp_path / "out")]
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
