@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import benchlib as bl
-from distsparse.data import DEFAULT_TRAIN, DEFAULT_VALIDATION
+from distsparse.tasks.files import DEFAULT_TRAIN, DEFAULT_VALIDATION
 
 RUNS = {  # name: (recipe, distill from the dense run)
     "dense": (bl.RECIPES / "dense.yaml", False),

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:  # long: one line per flag, group
     g.add_argument("--recipe", default=None, help="recipe YAML / recipe card (default: distsparse/recipes/default.yaml, shipped in the package)")
     g.add_argument("--recipe_args", default=None, help="override recipe variables: JSON or k=v,k2=v2")
     g = p.add_argument_group("data")
-    g.add_argument("--task", default="text-classification")
+    g.add_argument("--task", default="text-classification", help="text-classification, token-classification, "
+                   "multi-label-classification, question-answering, masked-lm")
     g.add_argument("--dataset_name", default=None, help="Hub dataset name (needs network)")
     g.add_argument("--dataset_config_name", default=None)
     g.add_argument("--train_file", default=None, help="csv, tsv, json or jsonl (default: the bundled SST-2 sample)")
@@ -49,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:  # long: one line per flag, group
     g.add_argument("--label_delimiter", default=",", help="multi-label: separator of the labels in a csv/tsv cell")
     g.add_argument("--multi_label_threshold", type=float, default=0.5, help="multi-label: predict where sigmoid > this")
     g.add_argument("--max_seq_length", type=int, default=128)
+    g.add_argument("--doc_stride", type=int, default=128, help="question answering: tokens shared by neighbouring windows")
+    g.add_argument("--n_best_size", type=int, default=20, help="question answering: best starts and ends tried per window")
+    g.add_argument("--max_answer_length", type=int, default=30, help="question answering: longest answer, in tokens")
+    g.add_argument("--version_2_with_negative", action="store_true",
+                   help="question answering: SQuAD 2.0, some questions have no answer")
+    g.add_argument("--null_score_diff_threshold", type=float, default=0.0,
+                   help="SQuAD 2.0: answer nothing when the no-answer score beats the best span by more than this")
+    g.add_argument("--mlm_probability", type=float, default=0.15, help="masked LM: share of tokens masked")
     g.add_argument("--max_train_samples", type=int, default=None)
     g.add_argument("--max_eval_samples", type=int, default=None)
     g = p.add_argument_group("training")

@@ -32,13 +32,13 @@ from transformers import AutoTokenizer
 
 from . import checkpoint, distributed, launch, preflight, tracking
 from .args import parse_args
-from .data import build_task
 from .errors import UserError, run_command
 from .events import NO_DECAY, Event, State, fire
 from .fake_quant import fake_quants
 from .modifiers.obs import grad_batches_for
 from .recipe import load_recipe
 from .savedmodel import RECIPE_FILE, load_quantization, save_model, sparsity_report
+from .tasks import build_task
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
@@ -178,9 +178,7 @@ def build_task_everywhere(args, tokenizer, accelerator):
 
 def model_kwargs(task) -> dict:
     """``from_pretrained`` arguments for the task's head; a new head replaces a pretrained one (run_glue.py)."""
-    labels = dict(enumerate(task.label_list))
-    return {"num_labels": task.num_labels, "id2label": labels, "label2id": {v: k for k, v in labels.items()},
-            "problem_type": task.problem_type, "ignore_mismatched_sizes": True}
+    return {**task.model_kwargs(), "ignore_mismatched_sizes": True}
 
 
 def guard_output_dir(args, accelerator) -> None:
@@ -257,6 +255,7 @@ def train(run: Run) -> bool:
         while state.step < run.total_steps:
             epoch = state.step // state.steps_per_epoch
             loader.set_epoch(epoch)  # the data order is a function of (seed, epoch)
+            run.task.set_epoch(epoch)  # so is masked-LM masking
             done = (state.step - epoch * state.steps_per_epoch) * run.args.gradient_accumulation_steps
             for batch in run.accelerator.skip_first_batches(loader, done) if done else loader:
                 result = train_step(run, batch)
@@ -354,7 +353,7 @@ def log(run: Run, logs: dict) -> None:
 
 def evaluate_and_log(run: Run) -> dict:
     """The task's metrics on the eval set (all ranks), logged as ``eval/...``."""
-    run.metrics = {f"eval/{k}": v for k, v in task_metrics(run.model, run.eval_loader, run.accelerator, run.task).items()}
+    run.metrics = {f"eval/{k}": v for k, v in run.task.evaluate(run.model, run.eval_loader, run.accelerator).items()}
     log(run, run.metrics)
     run.metrics_step = run.state.step
     args = run.args
@@ -367,22 +366,6 @@ def evaluate_and_log(run: Run) -> dict:
         if run.best is None or (value > run.best[0] if greater else value < run.best[0]):
             run.best = (value, run.state.step, dict(run.metrics))
     return run.metrics
-
-
-@torch.no_grad()
-def task_metrics(model, loader, accelerator, task) -> dict:
-    model.eval()
-    logits, labels, losses = [], [], []
-    for batch in loader:
-        out = model(**batch)
-        rows = len(batch["labels"])
-        lg, lb, ls = accelerator.gather_for_metrics((out.logits.float(), batch["labels"], out.loss.float().repeat(rows)))
-        logits.append(lg.cpu())
-        labels.append(lb.cpu())
-        losses.append(ls.cpu())
-    model.train()
-    metrics = task.compute_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy())
-    return {"loss": float(torch.cat(losses).mean()), **metrics}
 
 
 def check_ranks(run: Run) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distsparse.metrics import (
+from distsparse.tasks.metrics import (
     classification_metrics, entity_scores, iob2_entities, multi_label_metrics, token_classification_metrics,
 )
 

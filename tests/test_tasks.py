@@ -20,11 +20,12 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForTokenClassification, AutoTokenizer, BertForTokenClassification
 
 from distsparse.args import parse_args
-from distsparse.data import build_task, read_file
+from distsparse.tasks import build_task
+from distsparse.tasks.files import read_file
 from distsparse.errors import DataError
 from distsparse.events import Event, State
 from distsparse.export import main as export_main
-from distsparse.metrics import iob2_entities, multi_label_metrics
+from distsparse.tasks.metrics import iob2_entities, multi_label_metrics
 from distsparse.modifiers.distillation import DistillationModifier, distillation_loss
 
 DATA = SHARED / "data"

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from ..events import Event, State
 from .base import Modifier, register
 
+TARGETS = ("labels", "start_positions", "end_positions")  # what the task loss needs; the teacher is not given them
+
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -32,7 +34,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 class DistillationModifier(Modifier):
     """loss = (1 - hardness) * task + hardness * KD, averaged over ``distill_output_keys``.
 
-    The teacher sees the batch without its labels (or only ``teacher_input_keys``), under no_grad.
+    The teacher sees the batch without its targets (or only ``teacher_input_keys``), under no_grad.
+    Keys as SparseML's recipes name them: ``logits`` (classification, token tasks, masked LM: rows
+    with a label only), ``start_logits``/``end_logits`` (question answering: a softmax over positions).
     Without a teacher (``--teacher disable``) the modifier does nothing. Unlike SparseML, which
     divides by the batch size, token tasks average over the tokens that carry a label.
     """
@@ -48,7 +52,7 @@ class DistillationModifier(Modifier):
 
     def apply(self, event: Event, state: State) -> None:
         batch = state.batch
-        keys = self.teacher_input_keys or [k for k in batch if k != "labels"]
+        keys = self.teacher_input_keys or [k for k in batch if k not in TARGETS]
         with torch.no_grad():
             teacher_outputs = state.teacher(**{k: batch[k] for k in keys})
         labels = batch.get("labels")

@@ -1,9 +1,13 @@
-"""Task metrics computed locally (no download): the numbers users compare with GLUE's, seqeval's and sklearn's.
+"""Task metrics computed locally (no download): the numbers users compare with GLUE's, seqeval's, sklearn's
+and the official SQuAD scripts'.
 
-Every factory returns ``compute(logits, labels) -> {name: float}``, called once on the whole eval set.
+Every factory returns ``compute(logits, labels) -> {name: float}``, called once on the whole eval set;
+SQuAD scores answer texts instead (``squad_scores``).
 """
 from __future__ import annotations
 
+import re
+import string
 from collections import Counter
 
 import numpy as np
@@ -93,3 +97,47 @@ def token_classification_metrics(label_list: list[str]):
         return entity_scores(gold, pred)
 
     return compute
+
+
+PUNCTUATION = set(string.punctuation)
+ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+
+
+def normalize_answer(text: str) -> str:
+    """The official SQuAD normalization: lowercase, drop punctuation, drop articles a/an/the, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
+    return " ".join(ARTICLES.sub(" ", text).split())
+
+
+def answer_f1(prediction: str, gold: str) -> float:
+    """Token-overlap F1 of the normalized texts; two empty texts (SQuAD 2.0: "no answer") score 1."""
+    pred, true = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred or not true:
+        return float(pred == true)
+    same = sum((Counter(pred) & Counter(true)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(true)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:
+    """Exact match and F1 in percent, each question's best over its reference answers, as the official scripts.
+
+    A question whose references are all empty after normalization is unanswerable (SQuAD 2.0): it scores
+    1 only for an empty prediction. With both kinds present, ``has_answer_*`` and ``no_answer_*`` split them.
+    """
+    groups: dict[str, list[tuple[float, float]]] = {"has_answer": [], "no_answer": []}
+    for qid, answers in references.items():
+        golds = [a for a in answers if normalize_answer(a)] or [""]
+        pred = predictions[qid]
+        exact = max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)
+        groups["has_answer" if golds != [""] else "no_answer"].append((exact, max(answer_f1(pred, g) for g in golds)))
+    everything = groups["has_answer"] + groups["no_answer"]
+    out = {"exact_match": 100 * float(np.mean([e for e, _ in everything])),
+           "f1": 100 * float(np.mean([f for _, f in everything]))}
+    if all(groups.values()):
+        for name, scores in groups.items():
+            out[f"{name}_exact_match"] = 100 * float(np.mean([e for e, _ in scores]))
+            out[f"{name}_f1"] = 100 * float(np.mean([f for _, f in scores]))
+    return out
