@@ -9,7 +9,7 @@ import numpy as np
 from transformers import DataCollatorWithPadding
 
 from ..errors import DataError
-from . import TaskData
+from .base import TaskData
 from .files import load_splits, require_columns, require_labels, tokenize
 from .metrics import classification_metrics, multi_label_metrics
 

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from transformers import AutoModelForMaskedLM
 
 from ..errors import DataError
-from . import TaskData
+from .base import TaskData
 from .files import existing, load_splits, read_file, read_lines
 
 TEXT_SUFFIXES = (".txt", ".text", ".raw")

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding
 
 from ..errors import DataError
-from . import TaskData
+from .base import TaskData
 from .files import existing, load_splits, read_file, require_columns
 from .metrics import squad_scores
 

@@ -6,7 +6,7 @@ from itertools import chain
 from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
 from ..errors import DataError
-from . import TaskData
+from .base import TaskData
 from .classification import check_known, class_names
 from .files import load_splits, require_columns, require_labels, tokenize
 from .metrics import token_classification_metrics
