@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from distsparse.errors import RecipeError
 from distsparse.recipe import load_recipe
-from distsparse.recipe.evaluate import EvalError, evaluate
+from distsparse.recipe.arithmetic import EvalError, evaluate_expression
 
 VARIABLES = {"a": 3, "b": 0.5, "num_epochs": 13, "big": 10**6}
 
@@ -29,7 +29,7 @@ def lookup(name):
     ("int(7.9)", 7), ("float(a)", 3.0), ("round(b + 2)", 2), ("+a", 3), (" 1e-4 * 4 ", 4e-4),
 ])
 def test_arithmetic(expr, expected):
-    value = evaluate(expr, lookup)
+    value = evaluate_expression(expr, lookup)
     assert value == expected and type(value) is type(expected)
 
 
@@ -42,7 +42,7 @@ def test_arithmetic(expr, expected):
 def test_anything_but_arithmetic_is_refused_before_any_lookup(expr):
     seen = []
     with pytest.raises(EvalError):
-        evaluate(f"num_epochs + {expr}" if "import" not in expr else expr,
+        evaluate_expression(f"num_epochs + {expr}" if "import" not in expr else expr,
                  lambda name: seen.append(name) or lookup(name))
     assert seen == []  # refused on the syntax tree, before a single variable was read
 
@@ -53,23 +53,23 @@ def test_anything_but_arithmetic_is_refused_before_any_lookup(expr):
 def test_huge_or_undefined_results_are_refused_fast(expr):
     start = time.perf_counter()
     with pytest.raises(EvalError):
-        evaluate(expr, lookup)
+        evaluate_expression(expr, lookup)
     assert time.perf_counter() - start < 0.5
 
 
 def test_unknown_and_non_numeric_names():
     with pytest.raises(EvalError, match="unknown variable 'nope'"):
-        evaluate("nope + 1", lookup)
+        evaluate_expression("nope + 1", lookup)
     with pytest.raises(EvalError, match="not a number"):
-        evaluate("s * 2", lambda name: "text")
+        evaluate_expression("s * 2", lambda name: "text")
     with pytest.raises(EvalError, match="not a number"):
-        evaluate("flag + 1", lambda name: True)
+        evaluate_expression("flag + 1", lambda name: True)
 
 
 def test_long_or_deep_expressions_are_refused_cleanly():
     with pytest.raises(EvalError, match="longer than"):
-        evaluate("+".join(["1"] * 400), lookup)
-    assert evaluate("-" * 300 + "1", lookup) == 1
+        evaluate_expression("+".join(["1"] * 400), lookup)
+    assert evaluate_expression("-" * 300 + "1", lookup) == 1
 
 
 # -- property: random arithmetic trees against a reference evaluator over the same tree ----------
@@ -145,9 +145,9 @@ def test_evaluator_matches_reference_on_random_trees(tree):
         expected = reference(tree)
     except (ArithmeticError, ValueError):
         with pytest.raises(EvalError):
-            evaluate(render(tree), lookup)
+            evaluate_expression(render(tree), lookup)
         return
-    value = evaluate(render(tree), lookup)
+    value = evaluate_expression(render(tree), lookup)
     assert value == expected and type(value) is type(expected)
 
 

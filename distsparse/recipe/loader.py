@@ -22,7 +22,7 @@ from ..errors import RecipeError
 from ..modifiers import MODIFIERS, Modifier  # the package imports every family: the registry is full
 from ..modifiers.training import check_epoch_ranges
 from . import yaml_io
-from .evaluate import EvalError, is_number
+from .arithmetic import EvalError, is_number
 from .variables import Scope
 from .yaml_io import Map, Tagged, brief
 

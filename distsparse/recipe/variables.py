@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import RecipeError
-from .evaluate import EvalError, evaluate, is_eval
+from .arithmetic import EvalError, evaluate_expression, is_eval
 
 MAX_CHAIN = 50  # variables defined through one another; real recipes chain two or three
 
@@ -51,7 +51,7 @@ class Scope:
         if is_eval(value):
             body = value[len("eval("):-1].strip()
             # A bare name substitutes the variable as it is: lists and strings too, as SparseML does.
-            return self.get(body) if body.isidentifier() else evaluate(body, self.get)
+            return self.get(body) if body.isidentifier() else evaluate_expression(body, self.get)
         if isinstance(value, list):
             return [self.resolve(v) for v in value]
         if isinstance(value, dict):

@@ -40,7 +40,7 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def evaluate(expr: str, lookup: Callable[[str], Any]):
+def evaluate_expression(expr: str, lookup: Callable[[str], Any]):
     """Compute ``expr``; ``lookup(name)`` gives a variable's value (and may resolve it first)."""
     if len(expr) > MAX_LENGTH:
         raise EvalError(f"eval expression longer than {MAX_LENGTH} characters")
