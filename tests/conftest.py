@@ -89,3 +89,18 @@ pruning_modifiers:
     start_epoch: 0.0
     params: __ALL_PRUNABLE__
 """
+
+
+# Two epochs, LR 3e-3 falling linearly to 1e-3: the schedule of the real-rank tests.
+TWO_EPOCHS_LINEAR_LR = """
+training_modifiers:
+  - !EpochRangeModifier
+    start_epoch: 0.0
+    end_epoch: 2.0
+  - !LearningRateFunctionModifier
+    start_epoch: 0.0
+    end_epoch: 2.0
+    lr_func: linear
+    init_lr: 0.003
+    final_lr: 0.001
+"""

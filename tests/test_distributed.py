@@ -24,21 +24,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, minilm_dir, tiny_bert
+from conftest import ROOT, TWO_EPOCHS_LINEAR_LR, minilm_dir, tiny_bert
 from distsparse import distributed
 
 STEPS_PER_EPOCH, EPOCHS, BATCH = 4, 2, 4  # 32 rows = 4 steps of 2 ranks x 4 rows, 2 epochs
-RECIPE = r"""
-training_modifiers:
-  - !EpochRangeModifier
-    start_epoch: 0.0
-    end_epoch: 2.0
-  - !LearningRateFunctionModifier
-    start_epoch: 0.0
-    end_epoch: 2.0
-    lr_func: linear
-    init_lr: 0.003
-    final_lr: 0.001
+RECIPE = TWO_EPOCHS_LINEAR_LR + r"""
 pruning_modifiers:
   - !GMPruningModifier
     params: ["re:bert\\.encoder\\.layer\\.\\d+\\..*dense\\.weight",

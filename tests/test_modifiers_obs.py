@@ -15,6 +15,7 @@ from distsparse.events import Event, State, fire
 from distsparse.modifiers.obs import OBSPruningModifier, fisher_inverse_
 from distsparse.modifiers.pruning import GMPruningModifier
 from distsparse.recipe import load_recipe
+from conftest import TWO_EPOCHS_LINEAR_LR
 
 DAMP = 1e-4
 
@@ -269,17 +270,7 @@ def test_two_ranks_equal_one_process_with_the_union_of_their_samples(tmp_path):
 
 
 # -- 2 real gloo ranks --------------------------------------------------------------------------------------
-DISTRIBUTED_RECIPE = r"""
-training_modifiers:
-  - !EpochRangeModifier
-    start_epoch: 0.0
-    end_epoch: 2.0
-  - !LearningRateFunctionModifier
-    start_epoch: 0.0
-    end_epoch: 2.0
-    lr_func: linear
-    init_lr: 0.003
-    final_lr: 0.001
+DISTRIBUTED_RECIPE = TWO_EPOCHS_LINEAR_LR + r"""
 pruning_modifiers:
   - !OBSPruningModifier
     params: ["re:bert\\.encoder\\.layer\\.\\d+\\..*dense\\.weight"]
