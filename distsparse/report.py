@@ -117,7 +117,9 @@ def _plot_curves(plt, trainer_state: dict, path: Path) -> Path:
     panels = [(loss_ax, "loss", [k for k in ("train/loss", "train/task_loss", "train/distill_loss", "eval/loss")
                                  if k in keys and (k != "train/task_loss" or "train/distill_loss" in keys)]),
               (lr_ax, "learning rate", ["train/lr"]),
-              (sparsity_ax, "sparsity", [k for k in keys if k.startswith("sparsity/")]),
+              # Layers that stay dense (pooler, classifier) would only add flat lines at 0.
+              (sparsity_ax, "sparsity", [k for k in keys if k.startswith("sparsity/")
+                                         and (k == "sparsity/linear" or any(series(k)[1]))]),
               (eval_ax, "eval metric", [k for k in keys if k.startswith("eval/") and k != "eval/loss"])]
     qat = series("qat/enabled")
     qat_steps = [step for step, on in zip(*qat) if on]
