@@ -1,24 +1,24 @@
 """What every distsparse picture shares: matplotlib behind the ``[plots]`` extra, steps with epochs above.
 
-Pictures are files, never windows: the Agg backend needs no display, so a job on a cluster node
-draws the same PNGs as a laptop.
+Pictures are files, never windows: figures are made with matplotlib's object API, not pyplot, so
+no display is needed and no global backend changes (a job run inside a notebook leaves the
+notebook's plotting as it was), and a cluster node draws the same PNGs as a laptop.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 
 from .extras import require
 
 DPI = 100  # figure inches x DPI = the PNG's pixels (no tight bounding box: sizes stay as asked)
 
 
-def pyplot(feature: str) -> ModuleType:
-    """matplotlib's pyplot on the Agg backend, or the one-line UserError naming the ``[plots]`` extra."""
-    require("matplotlib", "plots", feature).use("Agg")
-    import matplotlib.pyplot
+def figure_class(feature: str) -> type:
+    """matplotlib's ``Figure``, or the one-line UserError naming the ``[plots]`` extra."""
+    require("matplotlib", "plots", feature)
+    from matplotlib.figure import Figure
 
-    return matplotlib.pyplot
+    return Figure
 
 
 def epoch_axis(ax, steps_per_epoch: int) -> None:
@@ -27,7 +27,6 @@ def epoch_axis(ax, steps_per_epoch: int) -> None:
                        ).set_xlabel("epoch")
 
 
-def save(plt, fig, path: Path) -> Path:
+def save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
-    plt.close(fig)
     return Path(path)

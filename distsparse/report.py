@@ -40,12 +40,12 @@ def write_report(output_dir: Path, trainer_state: dict, config: dict, accelerato
     sparsity = weight_sparsity(out / "model.safetensors")
     pictures = []
     try:
-        plt = plots.pyplot("sparsity.png and curves.png")
+        figure = plots.figure_class("sparsity.png and curves.png")
     except UserError as err:
         say(f"pictures skipped: {err}")
     else:
-        pictures = [_plot_sparsity(plt, sparsity, out / "sparsity.png"),
-                    _plot_curves(plt, trainer_state, out / "curves.png")]
+        pictures = [_plot_sparsity(figure, sparsity, out / "sparsity.png"),
+                    _plot_curves(figure, trainer_state, out / "curves.png")]
         tracking.log_report(accelerator, pictures, ["layer", *WEIGHT_TYPES],
                             [[layer, *(types.get(t) for t in WEIGHT_TYPES)] for layer, types in sparsity["layers"].items()],
                             trainer_state["global_step"])
@@ -85,8 +85,9 @@ def weight_sparsity(path: Path) -> dict:
 
 
 # -- pictures --------------------------------------------------------------------------------------------
-def _plot_sparsity(plt, sparsity: dict, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(10, 4.5), layout="constrained")
+def _plot_sparsity(figure, sparsity: dict, path: Path) -> Path:
+    fig = figure(figsize=(10, 4.5), layout="constrained")
+    ax = fig.subplots()
     layers = list(sparsity["layers"])
     width = 0.8 / len(WEIGHT_TYPES)
     for i, kind in enumerate(WEIGHT_TYPES):
@@ -100,10 +101,10 @@ def _plot_sparsity(plt, sparsity: dict, path: Path) -> Path:
            title=f"sparsity per layer and weight type (all Linear weights: {sparsity['linear']:.1%})")
     ax.legend(ncols=len(WEIGHT_TYPES), loc="upper center", fontsize="small")
     ax.grid(axis="y", alpha=0.3)
-    return plots.save(plt, fig, path)
+    return plots.save(fig, path)
 
 
-def _plot_curves(plt, trainer_state: dict, path: Path) -> Path:
+def _plot_curves(figure, trainer_state: dict, path: Path) -> Path:
     """Train loss, LR, sparsity and eval metrics over optimizer steps; the int8 QAT steps shaded."""
     history = trainer_state["log_history"]
 
@@ -112,7 +113,8 @@ def _plot_curves(plt, trainer_state: dict, path: Path) -> Path:
         return [row["step"] for row in rows], [row[key] for row in rows]
 
     keys = sorted({k for row in history for k in row})
-    fig, axes = plt.subplots(2, 2, sharex=True, figsize=(10, 7), layout="constrained")
+    fig = figure(figsize=(10, 7), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True)
     (loss_ax, lr_ax), (sparsity_ax, eval_ax) = axes
     panels = [(loss_ax, "loss", [k for k in ("train/loss", "train/task_loss", "train/distill_loss", "eval/loss")
                                  if k in keys and (k != "train/task_loss" or "train/distill_loss" in keys)]),
@@ -140,7 +142,7 @@ def _plot_curves(plt, trainer_state: dict, path: Path) -> Path:
         ax.set_xlabel("optimizer step")
     for ax in axes[0]:
         plots.epoch_axis(ax, trainer_state["steps_per_epoch"])
-    return plots.save(plt, fig, path)
+    return plots.save(fig, path)
 
 
 # -- the model card ----------------------------------------------------------------------------------------

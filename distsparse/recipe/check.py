@@ -33,11 +33,11 @@ def main(argv: list[str]) -> int:
     check.add_argument("--plot", type=Path, default=None, metavar="PNG",
                        help="also draw the timeline (LR, sparsity target, QAT and distillation phases) to this PNG")
     args = parser.parse_args(argv)
-    plt = args.plot and plots.pyplot("--plot")  # before any work: a missing extra is the first thing said
+    figure = args.plot and plots.figure_class("--plot")  # before any work: a missing extra is the first thing said
     recipe = load_recipe(args.recipe, args.recipe_args)
     print(timeline_table(recipe, args.steps_per_epoch))
-    if plt:
-        print(f"\ntimeline plot: {plot_timeline(plt, recipe, args.steps_per_epoch, args.plot)}")
+    if figure:
+        print(f"\ntimeline plot: {plot_timeline(figure, recipe, args.steps_per_epoch, args.plot)}")
     return 0
 
 
@@ -104,7 +104,7 @@ def _qat(recipe: Recipe, steps_per_epoch: int, total: int) -> str:
 PLOT_POINTS = 2000  # steps sampled per curve, besides every step where a modifier starts or ends
 
 
-def plot_timeline(plt, recipe: Recipe, steps_per_epoch: int, path: Path) -> Path:
+def plot_timeline(figure, recipe: Recipe, steps_per_epoch: int, path: Path) -> Path:
     """LR, sparsity target and the phases over steps, each from the modifiers' own schedule functions
     (``lr_at``, ``sparsity_at``, ``QuantizationModifier.phase``), so the picture is what a run does."""
     import numpy as np
@@ -114,8 +114,8 @@ def plot_timeline(plt, recipe: Recipe, steps_per_epoch: int, path: Path) -> Path
     edges = {s for m in modifiers for s, _ in m.timeline(steps_per_epoch)}
     steps = np.unique(np.concatenate([np.linspace(0, total, PLOT_POINTS).round(), [e + d for e in edges for d in (-1, 0)]]))
     steps = [int(s) for s in steps if 0 <= s <= total]
-    fig, (lr_ax, sparsity_ax, phase_ax) = plt.subplots(3, 1, sharex=True, figsize=(10, 6.5), layout="constrained",
-                                                       height_ratios=[2, 2, 1.6])
+    fig = figure(figsize=(10, 6.5), layout="constrained")
+    lr_ax, sparsity_ax, phase_ax = fig.subplots(3, 1, sharex=True, height_ratios=[2, 2, 1.6])
     fig.suptitle(f"{Path(recipe.source).name}: {recipe.num_epochs:g} epochs x {steps_per_epoch} steps")
     lrs = [_lr_at(recipe.modifiers, s, steps_per_epoch) for s in steps]
     lr_ax.plot(steps, [np.nan if lr is None else lr for lr in lrs], drawstyle="steps-post")
@@ -146,7 +146,7 @@ def plot_timeline(plt, recipe: Recipe, steps_per_epoch: int, path: Path) -> Path
     phase_ax.set_ylim(len(rows) - 0.5, -0.5)
     phase_ax.set_xlim(0, total)
     phase_ax.set_xlabel("optimizer step")
-    return plots.save(plt, fig, path)
+    return plots.save(fig, path)
 
 
 def _lr_at(modifiers: list[Modifier], step: int, steps_per_epoch: int) -> float | None:
