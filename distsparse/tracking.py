@@ -61,3 +61,15 @@ def wandb_init_kwargs(args, run_id: str | None) -> dict:
 def log(accelerator, logs: dict, step: int) -> None:
     if accelerator.log_with:
         accelerator.log(logs, step=step)
+
+
+def log_report(accelerator, pictures: list[Path], columns: list[str], rows: list[list], step: int) -> None:
+    """With W&B on: the job's pictures as ``wandb.Image`` and the per-layer sparsity as a ``wandb.Table``
+    (``report/...`` keys), at the last step. Other trackers take scalars only, so they get none."""
+    if accelerator is None or not any(tracker.name == "wandb" for tracker in accelerator.trackers):
+        return
+    import wandb
+
+    values = {f"report/{path.stem}": wandb.Image(str(path)) for path in pictures}
+    values["report/sparsity_per_layer"] = wandb.Table(columns=columns, data=rows)
+    accelerator.get_tracker("wandb", unwrap=True).log(values, step=step)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from . import checkpoint, distributed, launch, preflight, tracking
+from . import checkpoint, distributed, launch, preflight, report, tracking
 from .args import parse_args
 from .errors import UserError, run_command
 from .events import NO_DECAY, Event, State, fire
@@ -378,9 +378,13 @@ def write_model(run: Run, folder: Path) -> None:
     """The Hugging Face model folder (collective under ZeRO-3) and ``trainer_state.json``."""
     save_model(run.accelerator, run.model, run.tokenizer, run.recipe, folder, metadata=run.config)
     if run.accelerator.is_main_process:
-        checkpoint.write_json(folder / "trainer_state.json", {
-            "global_step": run.state.step, "epoch": run.state.epoch, "steps_per_epoch": run.state.steps_per_epoch,
-            "metrics": run.metrics, "log_history": run.log_history})
+        checkpoint.write_json(folder / "trainer_state.json", trainer_state(run))
+
+
+def trainer_state(run: Run) -> dict:
+    """What ``trainer_state.json`` holds: the counters, the latest metrics and the whole log history."""
+    return {"global_step": run.state.step, "epoch": run.state.epoch, "steps_per_epoch": run.state.steps_per_epoch,
+            "metrics": run.metrics, "log_history": run.log_history}
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -422,6 +426,8 @@ def finish(run: Run) -> dict:
     if accelerator.is_main_process:
         (out / "PREEMPTED").unlink(missing_ok=True)
         write_results(run, out)
+        if args.do_train:  # the pictures and the model card of the model just saved
+            report.write_report(out, trainer_state(run), run.config, accelerator, say=accelerator.print)
         quantized = any(fq.enabled for _, fq in fake_quants(state.model))
         print(result_table(run.metrics, sparsity, quantized, args.output_dir))
     accelerator.end_training()

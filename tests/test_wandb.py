@@ -172,6 +172,14 @@ def test_two_ranks_make_one_run_with_correct_values(job):
     assert evals == [STEPS_PER_EPOCH, total]
     final = json.loads((job["out"] / "trainer_state.json").read_text())["metrics"]
     assert history[total]["eval/accuracy"] == pytest.approx(final["eval/accuracy"])
+    # The job's pictures and its per-layer sparsity table, logged at the last step (2 layers x 6 weight types).
+    assert last["report/curves._type"] == last["report/sparsity._type"] == "image-file"
+    assert (last["report/curves.width"], last["report/sparsity.width"]) == (1000, 1000)
+    assert last["report/sparsity_per_layer._type"] == "table-file"
+    table = json.loads((runs[0] / "files" / last["report/sparsity_per_layer.path"]).read_text())
+    assert table["columns"] == ["layer", "query", "key", "value", "attention-output", "intermediate", "output"]
+    assert [row[0] for row in table["data"]] == [0, 1]
+    assert all(value == pytest.approx(0.5) for row in table["data"] for value in row[1:])  # tiny_bert's 50%
 
     # Config: every argument, the resolved recipe (eval done, override applied), world size, backend.
     assert config["world_size"] == 2 and config["backend"] == "gloo"

@@ -57,7 +57,7 @@ class QuantizationModifier(Modifier):
         epoch = self.disable_quantization_observer_epoch
         return None if epoch is None or epoch < 0 else round(epoch * steps_per_epoch)
 
-    def _phase(self, step: int, steps_per_epoch: int) -> tuple[bool, bool, bool]:
+    def phase(self, step: int, steps_per_epoch: int) -> tuple[bool, bool, bool]:
         """(weights quantized, observers on, activations quantized) during optimizer step ``step``."""
         start = self.start_step(steps_per_epoch)
         freeze = self.freeze_step(steps_per_epoch)
@@ -65,7 +65,7 @@ class QuantizationModifier(Modifier):
         return on, on and (freeze is None or step < freeze), step >= start + self.calibration_steps
 
     def _set_phase(self, step: int, steps_per_epoch: int) -> None:
-        weights, observe, activations = self._phase(step, steps_per_epoch)
+        weights, observe, activations = self.phase(step, steps_per_epoch)
         for _, fq in self._quants:
             fq.enabled = activations if isinstance(fq, ActivationFakeQuant) else weights
             fq.observe = observe
@@ -79,7 +79,7 @@ class QuantizationModifier(Modifier):
             self.check_schedule(state.steps_per_epoch)
             self.build(state.model)
         if event == Event.OPTIMIZER_STEP_END:
-            weights, observe, _ = self._phase(state.step, state.steps_per_epoch)
+            weights, observe, _ = self.phase(state.step, state.steps_per_epoch)
             if observe:
                 update_observers_([fq for _, fq in self._quants if isinstance(fq, ActivationFakeQuant)])
             state.logs["qat/enabled"] = float(weights)
