@@ -24,7 +24,7 @@ from distsparse.tasks import build_task
 from distsparse.tasks.files import read_file
 from distsparse.errors import DataError
 from distsparse.events import Event, State
-from distsparse.export import main as export_main
+from distsparse.export import export_main
 from distsparse.tasks.metrics import iob2_entities, multi_label_metrics
 from distsparse.modifiers.distillation import DistillationModifier, distillation_loss
 
