@@ -76,7 +76,7 @@ def test_start_after_training_began_is_refused():
 
 
 def test_train_save_resume_export_have_fewer_layers(tiny_model_dir, tmp_path):
-    from distsparse.export import main as export
+    from distsparse.export import export_main as export
     from distsparse.train import main as train
     from transformers import AutoModelForSequenceClassification
 
