@@ -184,10 +184,10 @@ def test_bad_squad_files_are_one_line(tmp_path, tiny_model_dir, capsys, case, me
 def qa_job_args(tmp_path, model_dir, out, *extra, init_lr=1e-3):
     (tmp_path / "recipe.yaml").write_text(small_recipe(DISTILL, num_epochs=2.0, init_lr=init_lr))
     return ["--task", "question-answering", "--model_name_or_path", str(model_dir), "--teacher", "self",
-            "--recipe", str(tmp_path / "recipe.yaml"), *extra, "--train_file", str(FIXTURE), "--validation_file", str(FIXTURE),
+            "--recipe", str(tmp_path / "recipe.yaml"), "--train_file", str(FIXTURE), "--validation_file", str(FIXTURE),
             "--max_seq_length", "48", "--doc_stride", "16", "--per_device_train_batch_size", "8",
             "--per_device_eval_batch_size", "4", "--logging_steps", "1", "--seed", "0", "--save_strategy", "no",
-            "--version_2_with_negative", "--output_dir", str(tmp_path / out)]
+            "--version_2_with_negative", "--output_dir", str(tmp_path / out), *extra]  # later flags win
 
 
 def test_squad_sparse_transfer_recipe_end_to_end(tmp_path, tiny_model_dir, capsys):
