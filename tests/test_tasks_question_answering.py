@@ -184,10 +184,10 @@ def test_bad_squad_files_are_one_line(tmp_path, tiny_model_dir, capsys, case, me
 def qa_job_args(tmp_path, model_dir, out, *extra, init_lr=1e-3):
     (tmp_path / "recipe.yaml").write_text(small_recipe(DISTILL, num_epochs=2.0, init_lr=init_lr))
     return ["--task", "question-answering", "--model_name_or_path", str(model_dir), "--teacher", "self",
-            "--recipe", str(tmp_path / "recipe.yaml"), *extra, "--train_file", str(FIXTURE), "--validation_file", str(FIXTURE),
+            "--recipe", str(tmp_path / "recipe.yaml"), "--train_file", str(FIXTURE), "--validation_file", str(FIXTURE),
             "--max_seq_length", "48", "--doc_stride", "16", "--per_device_train_batch_size", "8",
             "--per_device_eval_batch_size", "4", "--logging_steps", "1", "--seed", "0", "--save_strategy", "no",
-            "--version_2_with_negative", "--output_dir", str(tmp_path / out)]
+            "--version_2_with_negative", "--output_dir", str(tmp_path / out), *extra]  # later flags win
 
 
 def test_squad_sparse_transfer_recipe_end_to_end(tmp_path, tiny_model_dir, capsys):
@@ -238,8 +238,10 @@ def test_two_ranks_score_each_question_once(tmp_path, tiny_model_dir):
 def test_minilm_learns_squad_on_four_articles(tmp_path):
     """MiniLM fine-tuned on answerable questions of 4 SQuAD articles answers the fifth's (Victoria).
 
-    Kept short for a CPU: the first 192 of the 4 articles' 581 answerable questions, 2 epochs. Measured
-    here: F1 XX; an untrained head on the same eval set: F1 5.3 (EM 0).
+    Kept short for a 2-core CPU (45 minutes here): the first 192 of the 4 articles' 581 answerable
+    questions, 2 epochs of 22 steps. Measured here: F1 8.1 (EM 3.2) after epoch 2, 8.2 after epoch 1; an
+    untrained head on the same questions: F1 5.3 (EM 0.0, with 256-token windows). The floor sits between.
+    A run long enough to learn SQuAD properly (all questions, 384 tokens, several epochs) needs a GPU.
     """
     titles = ["Normans", "Computational_complexity_theory", "Southern_California", "Sky_(United_Kingdom)"]
     train_file = answerable_jsonl(tmp_path / "train.jsonl", SQUAD_DEV, titles)
@@ -251,4 +253,4 @@ def test_minilm_learns_squad_on_four_articles(tmp_path):
             "--per_device_train_batch_size", "16", "--save_strategy", "no", "--output_dir", str(tmp_path / "out")]
     assert train(argv) == 0
     metrics = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["metrics"]
-    assert metrics["eval/f1"] > FLOOR, metrics
+    assert metrics["eval/f1"] > 6.5, metrics
