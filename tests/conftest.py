@@ -104,3 +104,20 @@ training_modifiers:
     init_lr: 0.003
     final_lr: 0.001
 """
+
+
+_PORTS_GIVEN: set[int] = set()
+
+
+def free_port() -> int:
+    """A port no process listens on now, never the same twice in one session: each multi-process
+    test gets its own rendezvous, so tests run side by side (or one after another) cannot meet."""
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port

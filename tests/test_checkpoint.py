@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CONSTANT_PRUNING, ROOT, minilm_dir, small_recipe, tiny_bert
+from conftest import CONSTANT_PRUNING, ROOT, free_port, minilm_dir, small_recipe, tiny_bert
 from distsparse import checkpoint
 from distsparse.cli import main as cli
 
@@ -176,13 +176,6 @@ def launch(files: Path, out: Path, ranks: int, *extra: str) -> list[str]:
     return [sys.executable, "-u", "-m", "accelerate.commands.launch", "--config_file",
             str(ROOT / "launch_configs" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()), *train]
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for(files: Path) -> dict:

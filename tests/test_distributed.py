@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, TWO_EPOCHS_LINEAR_LR, minilm_dir, tiny_bert
+from conftest import ROOT, TWO_EPOCHS_LINEAR_LR, free_port, minilm_dir, tiny_bert
 from distsparse import distributed
 
 STEPS_PER_EPOCH, EPOCHS, BATCH = 4, 2, 4  # 32 rows = 4 steps of 2 ranks x 4 rows, 2 epochs
@@ -52,11 +51,6 @@ distillation_modifiers:
     temperature: 2.0
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Job:

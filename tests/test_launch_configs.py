@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.utils import DistributedType
 
-from conftest import CONSTANT_PRUNING, ROOT, small_recipe
+from conftest import CONSTANT_PRUNING, ROOT, free_port, small_recipe
 
 CONFIGS = ROOT / "launch_configs"
 YAMLS = sorted(CONFIGS.glob("*.yaml"))
@@ -70,11 +69,6 @@ def lr_at(log: str, step: int) -> str:
     """The learning rate the training logged for a step (--logging_steps 1)."""
     return re.search(rf"^step {step} .*?train/lr=(\S+)", log, re.M).group(1)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env(tmp_path: Path, **extra: str) -> dict[str, str]:

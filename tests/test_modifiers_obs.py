@@ -15,7 +15,7 @@ from distsparse.events import Event, State, fire
 from distsparse.modifiers.obs import OBSPruningModifier, fisher_inverse_
 from distsparse.modifiers.pruning import GMPruningModifier
 from distsparse.recipe import load_recipe
-from conftest import TWO_EPOCHS_LINEAR_LR
+from conftest import TWO_EPOCHS_LINEAR_LR, free_port
 
 DAMP = 1e-4
 
@@ -257,7 +257,6 @@ def _one_shot_on_rank(rank: int, port: int, out: str) -> None:
 
 def test_two_ranks_equal_one_process_with_the_union_of_their_samples(tmp_path):
     import torch.multiprocessing as mp
-    from test_distributed import free_port
 
     mp.spawn(_one_shot_on_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))

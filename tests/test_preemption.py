@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, minilm_dir, small_recipe, tiny_bert
+from conftest import ROOT, free_port, minilm_dir, small_recipe, tiny_bert
 from distsparse import checkpoint
 
 
@@ -79,10 +79,3 @@ def test_bad_input_under_two_ranks_is_one_line(files, tmp_path):
     assert not re.search(r"^\[rank\d\]:|File \".*/distsparse/", proc.stderr, flags=re.M), proc.stderr[-3000:]
     assert "exitcode: 2" in proc.stderr
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, minilm_dir, tiny_bert
+from conftest import ROOT, free_port, minilm_dir, tiny_bert
 from distsparse import tracking
 from distsparse.errors import UserError
-from test_launch_configs import accelerate_launch, free_port, launch_env
+from test_launch_configs import accelerate_launch, launch_env
 
 DATA = ROOT / "distsparse" / "data"
 STEPS_PER_EPOCH = 4  # 32 rows / (4 per device x 2 ranks)
