@@ -37,7 +37,7 @@ from .errors import UserError, run_command
 from .events import NO_DECAY, Event, State, fire
 from .fake_quant import fake_quants
 from .recipe import load_recipe
-from .savedmodel import RECIPE_FILE, load_quantization, save_model, sparsity_report
+from .savedmodel import RECIPE_FILE, from_pretrained, load_quantization, save_model, sparsity_report
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
@@ -118,7 +118,7 @@ def setup(args: argparse.Namespace) -> Run:
     recipe = load_recipe(args.recipe or (Path(model_path) / RECIPE_FILE if evaluate_saved else DEFAULT_RECIPE),
                          args.recipe_args)
     say_recipe_overrides(args, recipe, accelerator)
-    model = task.model_class.from_pretrained(model_path, **model_kwargs(task))
+    model = from_pretrained(task.model_class, model_path, **model_kwargs(task))
     teacher = launch.load_teacher(args, model, task.model_class, model_kwargs(task))
 
     train_loader = DataLoader(task.train, shuffle=True, batch_size=args.per_device_train_batch_size,
