@@ -13,7 +13,7 @@ from ..extras import require
 require("onnx", "export", "distsparse export")
 require("onnxruntime", "export", "distsparse export")
 
-from .build import EXPORT_TASKS  # noqa: E402, load_trained, sample_inputs
+from .build import EXPORT_TASKS, load_trained, sample_inputs  # noqa: E402
 from .cli import export_main, verify_main  # noqa: E402
 from .verify import ExportCheckError, check_export, verify_deployment  # noqa: E402
 
