@@ -39,9 +39,9 @@ def _activation_args(fq: ActivationFakeQuant) -> dict:
 
 def _weight_scale(fq: WeightFakeQuant, weight: torch.Tensor) -> torch.Tensor:
     """The scale the frozen model uses (``fake_quant.freeze_``): still observing means the current absmax."""
-    if not fq.observe:
-        return fq.scale.detach().float()
     w = weight.detach().float()
+    if not fq.observe:
+        return fq.scale.detach().float().to(w.device)
     return torch.clamp(torch.maximum(w.amax(dim=1), w.amin(dim=1).neg()) / fq.quant_max,
                        min=torch.finfo(torch.float32).eps)
 
