@@ -13,7 +13,6 @@ padding; torch and onnxruntime get the same thread count.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,6 @@ SHAPES = [(1, 64), (1, 128), (32, 64), (32, 128)]
 ENGINES = ("pytorch_fp32", "onnx_fp32", "onnx_int8")
 SPEEDUP_TARGET = 2.0  # int8 vs PyTorch fp32 at batch 32
 SPARSEML = {"size_mib": 21.9, "ms_per_row": 6.6, "qdq_size_mib": 86.9, "qdq_ms_per_row": 11.7}  # 70%-sparse MiniLM, b1 s64
-QAT_FILES = ("recipe.yaml", "quantization.safetensors")
 
 
 def tiny_qat_model(folder: Path) -> Path:
@@ -56,11 +54,14 @@ def export(model_dir: Path, out: Path, threads: int) -> Path:
 
 
 def fp32_copy(model_dir: Path, folder: Path) -> Path:
-    """The trained weights as a plain fp32 model folder: everything but the QAT files."""
-    folder.mkdir(parents=True)
-    for f in model_dir.iterdir():
-        if f.is_file() and f.name not in QAT_FILES:
-            shutil.copy(f, folder / f.name)
+    """The trained model as a plain fp32 folder: the weights distsparse reads back (a QAT folder stores
+    int8 x scale), without the quantization (no quantization_config, recipe or scales)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from distsparse.savedmodel import from_pretrained
+
+    from_pretrained(AutoModelForSequenceClassification, model_dir).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
     return folder
 
 
@@ -88,10 +89,11 @@ def engines(model_dir: Path, onnx_fp32: Path, onnx_int8: Path, threads: int) -> 
 
 def measure(args, model_dir: Path, work: Path) -> dict:
     onnx_int8 = export(model_dir, work / "int8", args.threads)
-    onnx_fp32 = export(fp32_copy(model_dir, work / "fp32-model"), work / "fp32", args.threads)
-    sizes = {"pytorch_fp32": (model_dir / "model.safetensors").stat().st_size,
+    fp32_model = fp32_copy(model_dir, work / "fp32-model")
+    onnx_fp32 = export(fp32_model, work / "fp32", args.threads)
+    sizes = {"pytorch_fp32": (fp32_model / "model.safetensors").stat().st_size,
              "onnx_fp32": onnx_fp32.stat().st_size, "onnx_int8": onnx_int8.stat().st_size}
-    run = engines(model_dir, onnx_fp32, onnx_int8, args.threads)
+    run = engines(fp32_model, onnx_fp32, onnx_int8, args.threads)
     vocab = 30522
     results = []
     for batch, seq in args.shapes:

@@ -11,6 +11,7 @@ from . import compat, tracking
 from .distributed import full_parameters, zero_stage
 from .errors import UserError
 from .extras import require
+from .savedmodel import from_pretrained
 
 FSDP_REFUSED = ("FSDP is not supported yet: masks and the rank-consistency check do not follow FSDP's "
                 "sharded parameters; launch with launch_configs/deepspeed_zero2.yaml or deepspeed_zero3.yaml")
@@ -59,7 +60,7 @@ def load_teacher(args, model, model_class, model_kwargs: dict):
         with full_parameters(model):  # ZeRO-3 loads partitioned (zero.Init): copy whole weights
             teacher = copy.deepcopy(model)
     else:
-        teacher = model_class.from_pretrained(args.teacher, **model_kwargs)
+        teacher = from_pretrained(model_class, args.teacher, **model_kwargs)
     return teacher.eval().requires_grad_(False)
 
 

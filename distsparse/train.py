@@ -37,7 +37,7 @@ from .events import NO_DECAY, Event, State, fire
 from .fake_quant import fake_quants
 from .modifiers.obs import grad_batches_for
 from .recipe import load_recipe
-from .savedmodel import RECIPE_FILE, load_quantization, save_model, sparsity_report
+from .savedmodel import RECIPE_FILE, from_pretrained, load_quantization, save_model, sparsity_report
 from .tasks import build_task
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
@@ -118,7 +118,7 @@ def setup(args: argparse.Namespace) -> Run:
     task = build_task_everywhere(args, tokenizer, accelerator)
     preflight.check_teacher_labels(args, task.num_labels)
     say_recipe_overrides(args, recipe, accelerator)
-    model = task.model_class.from_pretrained(model_path, **model_kwargs(task))
+    model = from_pretrained(task.model_class, model_path, **model_kwargs(task))
     teacher = launch.load_teacher(args, model, task.model_class, model_kwargs(task))
 
     train_loader = DataLoader(task.train, shuffle=True, batch_size=args.per_device_train_batch_size,

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..fake_quant import freeze_, load_quant_state
-from ..savedmodel import QUANT_FILE, RECIPE_FILE
+from ..savedmodel import QUANT_FILE, RECIPE_FILE, from_pretrained
 from .graph import store_int8_weights
 
 
@@ -79,7 +79,7 @@ def load_trained(model_path, task: str | None = None):
     transformers.utils.logging.disable_progress_bar()  # a refused export prints one line, not a loading bar
     try:
         # eager attention: one plain graph that traces the same for every sequence length
-        model = model_class.from_pretrained(path, attn_implementation="eager")
+        model = from_pretrained(model_class, path, attn_implementation="eager")
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
