@@ -460,12 +460,16 @@ def result_table(metrics: dict, sparsity: dict, quantized: bool, output_dir) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    run = setup(parse_args(argv))
-    if run.args.do_train and not train(run):  # preempted: checkpoint written, exit for requeue
-        run.accelerator.end_training()
+    sync = distributed.SYNC  # --debug_disable_rank_sync lasts one job, also when called in-process
+    try:
+        run = setup(parse_args(argv))
+        if run.args.do_train and not train(run):  # preempted: checkpoint written, exit for requeue
+            run.accelerator.end_training()
+            return 0
+        finish(run)
         return 0
-    finish(run)
-    return 0
+    finally:
+        distributed.SYNC = sync
 
 
 if __name__ == "__main__":

@@ -79,3 +79,31 @@ def test_bad_input_under_two_ranks_is_one_line(files, tmp_path):
     assert not re.search(r"^\[rank\d\]:|File \".*/distsparse/", proc.stderr, flags=re.M), proc.stderr[-3000:]
     assert "exitcode: 2" in proc.stderr
 
+
+
+def test_resume_with_another_world_size_mid_epoch(files, tmp_path):
+    """Preempted mid-epoch in one process, resumed by two: the epoch position is kept (12 steps per
+    epoch become 6, so step 3 becomes step round(1.5) = 2) and the recipe's 4 epochs end at step 24."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(command(files, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "step 3 train/loss" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == 0
+    step = int((out / "PREEMPTED").read_text())
+    assert 0 < step % 12  # mid-epoch
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "launch_configs" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+              "-m", "distsparse.train", *command(files, out, "--resume_from_checkpoint", "latest")[5:]]
+    env = dict(ENV, ACCELERATE_USE_CPU="true", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
+               HF_HOME=str(tmp_path / "hf"))
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed_at = round(step * 6 / 12)
+    assert f"at step {resumed_at}" in done.stdout
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 24 and state["steps_per_epoch"] == 6
+    logged = [row["step"] for row in state["log_history"] if "train/loss" in row]
+    assert logged == list(range(1, step + 1)) + list(range(resumed_at + 1, 25))

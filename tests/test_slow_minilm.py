@@ -56,5 +56,6 @@ def test_minilm_int8_export_keeps_dev_accuracy(tmp_path):
     print(json.dumps(figures))
     if os.environ.get("DISTSPARSE_RESULTS"):
         Path(os.environ["DISTSPARSE_RESULTS"]).write_text(json.dumps(figures, indent=2) + "\n")
-    assert torch_acc > 0.6  # a trained sentiment model, not chance
+    majority = max(float(np.mean(labels == c)) for c in np.unique(labels))
+    assert torch_acc > majority + 0.1  # a trained sentiment model, well above always saying the commoner label
     assert abs(onnx_acc - torch_acc) <= 0.005

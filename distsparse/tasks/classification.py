@@ -63,12 +63,14 @@ def text_classification(args, tokenizer) -> TaskData:
     names = class_names(train.features[label_col])
     label_list = names or sorted(set(train[label_col]))
     label_to_id = {label: i for i, label in enumerate(label_list)}
+    # A train file with one text label reads every label as text, its dev file may still read "0" as 0.
+    as_train = str if label_list and isinstance(label_list[0], str) else (lambda v: v)
     if not names:
-        check_known(evaluation, lambda v: [v], label_to_id, eval_name, label_col)
+        check_known(evaluation, lambda v: [as_train(v)], label_to_id, eval_name, label_col)
 
     def encode(batch):
         enc = tokenize_texts(tokenizer, batch, columns, args.max_seq_length)
-        enc["labels"] = batch[label_col] if names else [label_to_id[v] for v in batch[label_col]]
+        enc["labels"] = batch[label_col] if names else [label_to_id[as_train(v)] for v in batch[label_col]]
         return enc
 
     metrics = classification_metrics(len(label_list), with_f1=len(columns) > 1 or len(label_list) == 2)

@@ -360,3 +360,15 @@ def test_train_multi_label(tmp_path, capsys):
     assert "eval/f1_micro=" in log and "eval/f1_macro=" in log
     assert logged == pytest.approx(recomputed, abs=1e-5)
     assert logged["eval/f1_micro"] > every_label + 0.05
+
+
+def test_text_label_in_train_is_not_blamed_on_dev(tokenizer, tmp_path):
+    """One text label makes the train file's labels text; the dev file's "0" still reads as 0. The
+    same label must be known, and an unknown one is reported against the file it is in."""
+    train = bad(tmp_path, "train.tsv", "sentence\tlabel\ngood\t0\nbad\tpositive\n")
+    dev = bad(tmp_path, "dev.tsv", "sentence\tlabel\nok\t0\nfine\tpositive\n")
+    t = task(tokenizer, "--train_file", train, "--validation_file", dev)
+    assert t.label_list == ["0", "positive"] and list(t.eval["labels"]) == [0, 1]
+    bad(tmp_path, "dev.tsv", "sentence\tlabel\nok\tnegative\n")
+    with pytest.raises(DataError, match=r"dev\.tsv: unknown label 'negative'"):
+        task(tokenizer, "--train_file", train, "--validation_file", dev)
