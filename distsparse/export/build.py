@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..fake_quant import freeze_, load_quant_state
-from ..savedmodel import QUANT_FILE, RECIPE_FILE, from_pretrained
+from ..fake_quant import freeze_
+from ..savedmodel import QUANT_FILE, RECIPE_FILE, from_pretrained, load_quantization
 from .graph import store_int8_weights
 
 
@@ -94,9 +94,7 @@ def load_trained(model_path, task: str | None = None):
         if quant:
             if not (path / QUANT_FILE).is_file():
                 raise UserError(f"{path / QUANT_FILE}: missing; the recipe quantizes, so its scales must be here")
-            from safetensors.torch import load_file
-
-            load_quant_state(model, load_file(path / QUANT_FILE), where=str(path / QUANT_FILE))
+            load_quantization(model, path)
     freeze_(model)
     return model.eval(), tokenizer, task
 
