@@ -44,12 +44,15 @@ def build_parser() -> argparse.ArgumentParser:  # long: one line per flag, group
     g.add_argument("--dataset_config_name", default=None)
     g.add_argument("--train_file", default=None, help="csv, tsv, json or jsonl (default: the bundled SST-2 sample)")
     g.add_argument("--validation_file", default=None)
+    g.add_argument("--validation_mismatched_file", default=None,
+                   help="--task_name mnli: the mismatched dev file (metrics reported with the suffix _mm)")
+    g.add_argument("--test_file", default=None, help="--do_predict: rows to predict (csv, tsv, json, jsonl; labels optional)")
     g.add_argument("--input_column_names", default=None, help="comma-separated text columns, e.g. sentence1,sentence2")
     g.add_argument("--label_column_name", default=None,
                    help="default: label (text), ner_tags (token), labels (multi-label classification)")
     g.add_argument("--label_delimiter", default=",", help="multi-label: separator of the labels in a csv/tsv cell")
     g.add_argument("--multi_label_threshold", type=float, default=0.5, help="multi-label: predict where sigmoid > this")
-    g.add_argument("--max_seq_length", type=int, default=128)
+    g.add_argument("--max_seq_length", "--sequence_length", type=int, default=128, help="--sequence_length: SparseML's name")
     g.add_argument("--doc_stride", type=int, default=128, help="question answering: tokens shared by neighbouring windows")
     g.add_argument("--n_best_size", type=int, default=20, help="question answering: best starts and ends tried per window")
     g.add_argument("--max_answer_length", type=int, default=30, help="question answering: longest answer, in tokens")
@@ -60,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:  # long: one line per flag, group
     g.add_argument("--mlm_probability", type=float, default=0.15, help="masked LM: share of tokens masked")
     g.add_argument("--max_train_samples", type=int, default=None)
     g.add_argument("--max_eval_samples", type=int, default=None)
+    g.add_argument("--max_predict_samples", type=int, default=None)
+    g.add_argument("--entity_scoring", choices=["conlleval", "strict"], default="conlleval",
+                   help="token classification: entity F1 as seqeval's default mode (conlleval, as HF run_ner.py) "
+                        "or its strict IOB2 mode")
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default="outputs/distsparse",
                    help="environment variables are expanded: outputs/sweep/$WANDB_RUN_ID gives each sweep run its own")
@@ -86,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:  # long: one line per flag, group
     g = p.add_argument_group("Hugging Face run_glue.py / SparseML names (same meaning)")
     switch(g, "--do_train", help="train (with none of --do_train/--do_eval: train and evaluate)")
     switch(g, "--do_eval", help="evaluate; without --do_train, the model as saved (QAT scales included)")
+    switch(g, "--do_predict", help="write predictions of --test_file: predict_results_<task>.txt "
+                                   "(token classification: predictions.txt)")
+    g.add_argument("--task_name", default=None, help="a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli): "
+                   "its columns, labels and metrics; without data files, the Hub's nyu-mll/glue")
     switch(g, "--fp16", help="= --mixed_precision fp16")
     switch(g, "--bf16", help="= --mixed_precision bf16")
     switch(g, "--load_best_model_at_end", help="the saved model is the checkpoint with the best --metric_for_best_model")
@@ -139,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.recipe_args = {**parse_recipe_args(args.recipe_args), **overrides}
     args.output_dir = os.path.expandvars(args.output_dir)
     args.given = sorted(given_flags(argv) | set(values))
-    if not (args.do_train or args.do_eval):
+    if not (args.do_train or args.do_eval or args.do_predict):
         args.do_train = args.do_eval = True  # the default job: train, then evaluate
     if args.fp16 or args.bf16:
         wanted = "bf16" if args.bf16 else "fp16"

@@ -15,7 +15,7 @@ from .errors import UserError
 
 AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                 "save_steps", "logging_steps", "max_seq_length", "eval_steps", "max_train_samples",
-                "max_eval_samples", "save_total_limit")
+                "max_eval_samples", "max_predict_samples", "save_total_limit")
 # A checkpoint holds the weights about four times over: model folder, training copy, AdamW's two moments.
 CHECKPOINT_COPIES = 4
 
@@ -49,6 +49,9 @@ def check_flags(args) -> None:
                 args.save_strategy == "steps" and args.save_steps % eval_every):
             raise UserError("--load_best_model_at_end: needs --save_strategy equal to --eval_strategy (not 'no'), "
                             "and --save_steps a multiple of --eval_steps")
+        if args.do_predict and args.do_train:  # the loop holds the last model, not the best checkpoint's
+            raise UserError("--load_best_model_at_end with --do_predict: predict in a second run, "
+                            "--do_predict --model_name_or_path OUTPUT_DIR (the best model saved there)")
 
 
 def check_output_dir(output_dir: str, model_bytes: int) -> None:

@@ -64,6 +64,7 @@ class Run:
     log_history: list = field(default_factory=list)  # every logged row, kept across resumes
     tracking_ids: dict = field(default_factory=dict)  # the W&B run id, so a resume continues the run
     best: tuple | None = None  # (metric, step, metrics) of the best evaluation, --load_best_model_at_end
+    more_eval_loaders: dict = field(default_factory=dict)  # suffix -> loader: MNLI's mismatched set ("mm")
     step_lr: float = 0.0  # the LR the current optimizer step uses (set at its BATCH_START)
     mid_step: bool = False  # inside a gradient accumulation
 
@@ -123,7 +124,6 @@ def setup(args: argparse.Namespace) -> Run:
 
     train_loader = DataLoader(task.train, shuffle=True, batch_size=args.per_device_train_batch_size,
                               collate_fn=task.collator)
-    eval_loader = task.eval and DataLoader(task.eval, batch_size=args.per_device_eval_batch_size, collate_fn=task.collator)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(task.train) / global_batch)
     total_steps = math.ceil((recipe.num_epochs or args.num_train_epochs) * steps_per_epoch)
@@ -136,13 +136,14 @@ def setup(args: argparse.Namespace) -> Run:
         load_quantization(model, model_path)  # the scales it trained with, not fresh observers
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    eval_loader = eval_loader and accelerator.prepare(eval_loader)
+    eval_loader = task.eval and eval_dataloader(args, accelerator, task, task.eval)
+    more_eval_loaders = {suffix: eval_dataloader(args, accelerator, task, ds) for suffix, ds in task.more_evals.items()}
     state.model, state.optimizer = accelerator.unwrap_model(model), optimizer
     state.teacher = launch.prepare_teacher(accelerator, teacher)
     config = {**vars(args), "world_size": accelerator.num_processes, "steps_per_epoch": steps_per_epoch,
               "total_steps": total_steps, "recipe_variables": recipe.variables}
     run = Run(args, accelerator, model, optimizer, train_loader, eval_loader, task, tokenizer, recipe, state,
-              total_steps, config)
+              total_steps, config, more_eval_loaders=more_eval_loaders)
     if args.do_train:
         if resume_from:
             resume(run, resume_from)
@@ -174,6 +175,12 @@ def build_task_everywhere(args, tokenizer, accelerator):
     if error is not None:
         raise error
     return task
+
+
+def eval_dataloader(run_args, accelerator, task, dataset) -> DataLoader:
+    """Evaluation or prediction batches in the dataset's order, dealt to the ranks by Accelerate."""
+    return accelerator.prepare(DataLoader(dataset, batch_size=run_args.per_device_eval_batch_size,
+                                          collate_fn=task.collator))
 
 
 def model_kwargs(task) -> dict:
@@ -353,7 +360,11 @@ def log(run: Run, logs: dict) -> None:
 
 def evaluate_and_log(run: Run) -> dict:
     """The task's metrics on the eval set (all ranks), logged as ``eval/...``."""
-    run.metrics = {f"eval/{k}": v for k, v in run.task.evaluate(run.model, run.eval_loader, run.accelerator).items()}
+    task, model, accelerator = run.task, run.model, run.accelerator
+    metrics = task.evaluate(model, run.eval_loader, accelerator)
+    for suffix, loader in run.more_eval_loaders.items():  # named as run_glue.py names MNLI-mm's: eval_accuracy_mm
+        metrics.update({f"{k}_{suffix}": v for k, v in task.evaluate(model, loader, accelerator).items()})
+    run.metrics = {f"eval/{k}": v for k, v in metrics.items()}
     log(run, run.metrics)
     run.metrics_step = run.state.step
     args = run.args
@@ -422,6 +433,8 @@ def finish(run: Run) -> dict:
             accelerator.print(f"best model: step {run.best[1]} ({run.best[0]:.4f})")
     elif args.do_train:
         write_model(run, out)
+    if args.do_predict:
+        predict(run, out)
     sparsity = sparsity_report(state.model)  # every rank: collective under ZeRO-3
     if accelerator.is_main_process:
         (out / "PREEMPTED").unlink(missing_ok=True)
@@ -432,6 +445,18 @@ def finish(run: Run) -> dict:
         print(result_table(run.metrics, sparsity, quantized, args.output_dir))
     accelerator.end_training()
     return run.metrics
+
+
+def predict(run: Run, out: Path) -> None:
+    """--do_predict: every rank predicts its share; rank 0 writes the rows in the test set's order."""
+    for name, dataset in run.task.predict_sets.items():
+        loader = eval_dataloader(run.args, run.accelerator, run.task, dataset)
+        lines = run.task.prediction_lines(*run.task.predict(run.model, loader, run.accelerator))
+        if run.accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / run.task.prediction_file(name)
+            path.write_text("".join(f"{line}\n" for line in lines))
+            run.accelerator.print(f"predictions of {len(dataset)} rows: {path}")
 
 
 def write_results(run: Run, out: Path) -> None:
@@ -445,6 +470,7 @@ def write_results(run: Run, out: Path) -> None:
                             "train_samples": len(run.task.train)}
     if run.args.do_eval and run.metrics:
         results["eval"] = {"epoch": run.state.epoch, "eval_samples": len(run.task.eval),
+                           **{f"eval_samples_{suffix}": len(ds) for suffix, ds in run.task.more_evals.items()},
                            **{f"eval_{k[5:]}": v for k, v in run.metrics.items()}}
     for kind, values in results.items():
         checkpoint.write_json(out / f"{kind}_results.json", values)

@@ -27,4 +27,8 @@ TASKS: dict[str, Callable] = {
 def build_task(args, tokenizer) -> TaskData:
     if args.task not in TASKS:
         raise DataError(f"--task {args.task!r} is not supported (supported: {', '.join(TASKS)})")
-    return TASKS[args.task](args, tokenizer)
+    task = TASKS[args.task](args, tokenizer)
+    if args.do_predict and not task.predict_sets:
+        raise DataError(f"--do_predict: --task {args.task} writes no predictions "
+                        "(text-classification and token-classification do)")
+    return task

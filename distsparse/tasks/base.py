@@ -1,7 +1,7 @@
 """What every task provides to the loop: the data, the head to load, and its evaluation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import datasets
@@ -19,6 +19,8 @@ class TaskData:
     compute_metrics: Callable[[np.ndarray, np.ndarray], dict] | None = None  # (logits, labels) -> metrics
     model_class: type = AutoModelForSequenceClassification
     problem_type: str | None = None
+    more_evals: dict[str, datasets.Dataset] = field(default_factory=dict)  # suffix -> set (MNLI: "mm" -> mismatched)
+    predict_sets: dict[str, datasets.Dataset] = field(default_factory=dict)  # name -> --do_predict rows (labels optional)
 
     @property
     def num_labels(self) -> int:
@@ -49,3 +51,30 @@ class TaskData:
         model.train()
         metrics = self.compute_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy())
         return {"loss": float(torch.cat(losses).mean()), **metrics}
+
+    @torch.no_grad()
+    def predict(self, model, loader, accelerator) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, labels or None) of every row in the dataset's order: each step gathers the ranks'
+        batches in rank order, which is the order the prepared loader dealt them; padding rows dropped."""
+        model.eval()
+        logits, labels = [], []
+        for batch in loader:
+            gold = batch.pop("labels", None)
+            lg = model(**batch).logits.float()
+            gathered = accelerator.gather_for_metrics(lg if gold is None else (lg, gold))
+            logits.append((gathered if gold is None else gathered[0]).cpu())
+            if gold is not None:
+                labels.append(gathered[1].cpu())
+        model.train()
+        return torch.cat(logits).numpy(), torch.cat(labels).numpy() if labels else None
+
+    def prediction_file(self, name: str) -> str:
+        return f"predict_results_{name}.txt"
+
+    def prediction_lines(self, logits: np.ndarray, labels: np.ndarray | None) -> list[str]:
+        """run_glue.py's predict_results file: a header, then index and prediction (class name, or the score to 3 decimals)."""
+        if self.problem_type == "regression":
+            rows = [f"{i}\t{value:3.3f}" for i, value in enumerate(logits.reshape(len(logits), -1)[:, 0])]
+        else:
+            rows = [f"{i}\t{self.label_list[k]}" for i, k in enumerate(logits.argmax(-1))]
+        return ["index\tprediction", *rows]

@@ -1,6 +1,7 @@
 """Sentence and sentence-pair classification, single- or multi-label (GLUE's files and the Hub's)."""
 from __future__ import annotations
 
+from copy import copy
 from itertools import chain
 from typing import Callable
 
@@ -10,8 +11,9 @@ from transformers import DataCollatorWithPadding
 
 from ..errors import DataError
 from .base import TaskData
-from .files import load_splits, require_columns, require_labels, tokenize
-from .metrics import classification_metrics, multi_label_metrics
+from .files import load_split, load_splits, require_columns, require_labels, tokenize
+from .glue import HUB_DATASET, MISMATCHED, glue_metrics, glue_task, label_id, layout
+from .metrics import classification_metrics, multi_label_metrics, regression_metrics
 
 # Column names tried, in order, when --input_column_names is not given (GLUE's and common ones).
 TEXT_COLUMNS = [
@@ -53,30 +55,72 @@ def tokenize_texts(tokenizer, batch, columns: list[str], max_length: int):
 
 
 def text_classification(args, tokenizer) -> TaskData:
-    """Single sentences or sentence pairs; labels may be ints or strings."""
+    """Single sentences or sentence pairs; labels may be ints or strings, or float scores (regression).
+
+    ``--task_name`` (a GLUE task) fixes the columns, the label names and the metrics (``glue.py``).
+    Regression, as run_glue.py: STS-B, or a label column of floats; one output, MSE loss."""
+    preset = glue_task(args)
+    if preset and not (args.train_file or args.dataset_name):
+        args = copy(args)
+        args.dataset_name, args.dataset_config_name = HUB_DATASET, args.task_name
     train, evaluation, train_name, eval_name = load_splits(args)
-    columns = pick_text_columns(train, args.input_column_names, train_name)
-    label_col = args.label_column_name or "label"
-    require_columns([(evaluation, eval_name)], columns)
-    require_columns([(train, train_name), (evaluation, eval_name)], [label_col])
-    require_labels([(train, train_name), (evaluation, eval_name)], label_col)
+    if preset:
+        columns, label_col = layout(preset, train.column_names)
+        columns = [c.strip() for c in args.input_column_names.split(",")] if args.input_column_names else columns
+        require_columns([(train, train_name)], columns)
+        label_col = args.label_column_name or label_col
+    else:
+        columns = pick_text_columns(train, args.input_column_names, train_name)
+        label_col = args.label_column_name or "label"
+    splits = [(train, train_name), (evaluation, eval_name)]
+    mismatched = (load_split(args, ("validation_mismatched",), args.validation_mismatched_file, n=args.max_eval_samples)
+                  if args.task_name == "mnli" else (None, ""))
+    if mismatched[0] is not None:
+        splits.append(mismatched)
+    require_columns(splits, columns + [label_col])
+    require_labels(splits, label_col)
     names = class_names(train.features[label_col])
-    label_list = names or sorted(set(train[label_col]))
-    label_to_id = {label: i for i, label in enumerate(label_list)}
-    # A train file with one text label reads every label as text, its dev file may still read "0" as 0.
-    as_train = str if label_list and isinstance(label_list[0], str) else (lambda v: v)
-    if not names:
-        check_known(evaluation, lambda v: [as_train(v)], label_to_id, eval_name, label_col)
+    if preset:
+        regression = preset.regression
+        label_list = list(preset.labels or ["LABEL_0"])
+        ids = {} if names else {v: label_id(preset, v, where, label_col) for ds, where in splits for v in set(ds[label_col])}
+        to_label = (lambda v: v) if names else ids.__getitem__
+        metrics = glue_metrics(preset)
+    else:
+        regression = getattr(train.features[label_col], "dtype", None) in ("float32", "float64")
+        label_list = ["LABEL_0"] if regression else names or sorted(set(train[label_col]))
+        label_to_id = {label: i for i, label in enumerate(label_list)}
+        # A train file with one text label reads every label as text, its dev file may still read "0" as 0.
+        as_train = str if label_list and isinstance(label_list[0], str) else (lambda v: v)
+        if not (names or regression):
+            check_known(evaluation, lambda v: [as_train(v)], label_to_id, eval_name, label_col)
+        to_label = float if regression else (lambda v: v) if names else (lambda v: label_to_id[as_train(v)])
+        metrics = (regression_metrics if regression else
+                   classification_metrics(len(label_list), with_f1=len(columns) > 1 or len(label_list) == 2))
 
     def encode(batch):
         enc = tokenize_texts(tokenizer, batch, columns, args.max_seq_length)
-        enc["labels"] = batch[label_col] if names else [label_to_id[as_train(v)] for v in batch[label_col]]
+        if label_col in batch:
+            enc["labels"] = [to_label(v) for v in batch[label_col]]
         return enc
 
-    metrics = classification_metrics(len(label_list), with_f1=len(columns) > 1 or len(label_list) == 2)
+    labels_type = datasets.Value("float32") if regression else None
+    tests = {}
+    if args.do_predict:
+        name = args.task_name or args.task
+        tests[name] = load_split(args, ("test", "test_matched"), args.test_file, n=args.max_predict_samples)
+        if args.task_name == "mnli":
+            tests[f"{name}-{MISMATCHED}"] = load_split(args, ("test_mismatched",), None, n=args.max_predict_samples)
+        if tests[name][0] is None:
+            raise DataError("--do_predict: pass --test_file (csv, tsv, json or jsonl; labels optional)")
+        require_columns([t for t in tests.values() if t[0] is not None], columns)
     return TaskData(
-        train=tokenize(train, encode), eval=tokenize(evaluation, encode), label_list=[str(x) for x in label_list],
-        collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics,
+        train=tokenize(train, encode, labels_type), eval=tokenize(evaluation, encode, labels_type),
+        label_list=[str(x) for x in label_list], collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics,
+        problem_type="regression" if regression else None,
+        more_evals={MISMATCHED: tokenize(mismatched[0], encode, labels_type)} if mismatched[0] is not None else {},
+        predict_sets={name: tokenize(ds.select_columns(columns), encode) for name, (ds, _) in tests.items()
+                      if ds is not None},
     )
 
 

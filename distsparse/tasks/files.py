@@ -81,9 +81,8 @@ def load_splits(args, bundled: bool = True, reader: Callable = read_file,
     Without either, the bundled SST-2 sample where it fits the task (``bundled``), else an error.
     """
     if args.dataset_name:
-        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        raw, name = hub_dataset(args)
         eval_split = next((s for s in ("validation", "validation_matched", "test") if s in raw), None)
-        name = f"{args.dataset_name}/{args.dataset_config_name or ''}"
         train, evaluation = raw["train"], raw[eval_split] if eval_split else None
         train_name, eval_name = f"{name}:train", f"{name}:{eval_split}"
     else:
@@ -95,6 +94,30 @@ def load_splits(args, bundled: bool = True, reader: Callable = read_file,
         evaluation = reader(eval_file) if eval_file else None
         train_name, eval_name = str(train_file), str(eval_file)
     return limit(train, args.max_train_samples), limit(evaluation, args.max_eval_samples), train_name, eval_name
+
+
+def hub_dataset(args) -> tuple[datasets.DatasetDict, str]:
+    """--dataset_name (--dataset_config_name) from the Hub, and its name for messages; one line when it cannot load."""
+    name = f"{args.dataset_name}/{args.dataset_config_name or ''}"
+    try:
+        return datasets.load_dataset(args.dataset_name, args.dataset_config_name), name
+    except Exception as err:  # offline, unknown name, no such config: many types, one readable line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"--dataset_name {name}: cannot be loaded from the Hub: {reason[:300]}") from None
+
+
+def load_split(args, hub_splits: tuple[str, ...], path, reader: Callable = read_file, n: int | None = None,
+               ) -> tuple[datasets.Dataset | None, str]:
+    """A split beside train and eval (a test set, MNLI's mismatched dev set): the file ``path`` if given,
+    else the first of ``hub_splits`` that --dataset_name has; (None, "") if neither. Cut to ``n`` rows."""
+    if path:
+        return limit(reader(path), n), str(path)
+    if args.dataset_name:
+        raw, name = hub_dataset(args)
+        split = next((s for s in hub_splits if s in raw), None)
+        if split:
+            return limit(raw[split], n), f"{name}:{split}"
+    return None, ""
 
 
 def require_columns(splits, columns: list[str]) -> None:

@@ -41,6 +41,48 @@ def classification_metrics(num_labels: int, with_f1: bool):
     return compute
 
 
+def matthews_correlation(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Matthews correlation of class ids (multi-class R_K, as sklearn's matthews_corrcoef; GLUE's CoLA metric).
+    0 where either side is a single class (the correlation is undefined)."""
+    classes = np.union1d(preds, labels)
+    confusion = np.zeros((len(classes), len(classes)))
+    np.add.at(confusion, (np.searchsorted(classes, labels), np.searchsorted(classes, preds)), 1)
+    true, pred, n = confusion.sum(1), confusion.sum(0), confusion.sum()
+    cov_tp = np.trace(confusion) * n - true @ pred
+    cov_pp, cov_tt = n * n - pred @ pred, n * n - true @ true
+    return float(cov_tp / np.sqrt(cov_tt * cov_pp)) if cov_tt * cov_pp else 0.0
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r (scipy.stats.pearsonr's statistic); nan where either side is constant, as scipy."""
+    x, y = (np.asarray(v, dtype=np.float64) - np.mean(v) for v in (x, y))
+    denom = np.sqrt((x @ x) * (y @ y))
+    return float(np.clip(x @ y / denom, -1.0, 1.0)) if denom else float("nan")
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1, ties sharing their mean rank (scipy.stats.rankdata's "average")."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="stable")
+    values = x[order]
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])  # first position of each distinct value
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho: Pearson's r of the average ranks (scipy.stats.spearmanr's statistic)."""
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def regression_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """Mean squared error of the single output, as run_glue.py reports a non-GLUE regression."""
+    preds = logits.reshape(len(labels), -1)[:, 0]
+    return {"mse": float(np.mean((preds - labels) ** 2))}
+
+
 def multi_label_metrics(threshold: float):
     """Micro/macro F1 and subset accuracy of ``sigmoid(logits) > threshold`` against multi-hot labels."""
 
@@ -54,22 +96,28 @@ def multi_label_metrics(threshold: float):
     return compute
 
 
-def iob2_entities(tags: list[str]) -> list[tuple[str, int, int]]:
-    """(type, start, end) spans as seqeval's strict IOB2 mode finds them: B-X then I-X...; a stray I- is no entity."""
+def iob2_entities(tags: list[str], strict: bool = False) -> list[tuple[str, int, int]]:
+    """(type, start, end) spans of IOB2 tags, as seqeval finds them.
+
+    Default (seqeval's default mode, conlleval's rule, what HF's run_ner.py reports): an I-X after O or
+    after another type opens an entity too. ``strict`` (seqeval ``mode="strict", scheme=IOB2``): only
+    B-X opens one, a stray I-X is no entity. Either way I-X continues an open X and anything else closes it.
+    """
     spans, start, kind = [], None, None
     for i, tag in enumerate([*tags, "O"]):
         if start is not None and tag != f"I-{kind}":
             spans.append((kind, start, i))
             start = None
-        if tag.startswith("B-"):
+        if tag.startswith("B-") or (not strict and start is None and tag.startswith("I-")):
             start, kind = i, tag[2:]
     return spans
 
 
-def entity_scores(gold: list[list[str]], pred: list[list[str]]) -> dict:
-    """Entity precision/recall/F1 over sentences (micro, and per type) plus token accuracy, like seqeval."""
-    true = {(s, *e) for s, tags in enumerate(gold) for e in iob2_entities(tags)}
-    found = {(s, *e) for s, tags in enumerate(pred) for e in iob2_entities(tags)}
+def entity_scores(gold: list[list[str]], pred: list[list[str]], strict: bool = False) -> dict:
+    """Entity precision/recall/F1 over sentences (micro, and per type) plus token accuracy, like seqeval
+    (its default mode, or ``strict``: see ``iob2_entities``)."""
+    true = {(s, *e) for s, tags in enumerate(gold) for e in iob2_entities(tags, strict)}
+    found = {(s, *e) for s, tags in enumerate(pred) for e in iob2_entities(tags, strict)}
     hits = true & found
     n_true, n_found, n_hits = (Counter(e[1] for e in x) for x in (true, found, hits))
 
@@ -85,7 +133,7 @@ def entity_scores(gold: list[list[str]], pred: list[list[str]]) -> dict:
     return out
 
 
-def token_classification_metrics(label_list: list[str]):
+def token_classification_metrics(label_list: list[str], strict: bool = False):
     """Entity scores of argmax tags at the positions labelled (not -100: special tokens, later sub-tokens, padding)."""
     names = np.asarray(label_list, dtype=object)
 
@@ -94,7 +142,7 @@ def token_classification_metrics(label_list: list[str]):
         keep = labels != -100
         gold = [list(names[row[k]]) for row, k in zip(labels, keep)]
         pred = [list(names[row[k]]) for row, k in zip(preds, keep)]
-        return entity_scores(gold, pred)
+        return entity_scores(gold, pred, strict)
 
     return compute
 

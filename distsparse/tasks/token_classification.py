@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from itertools import chain
 
+import numpy as np
 from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
 from ..errors import DataError
 from .base import TaskData
 from .classification import check_known, class_names
-from .files import load_splits, require_columns, require_labels, tokenize
+from .files import load_split, load_splits, require_columns, require_labels, tokenize
 from .metrics import token_classification_metrics
 
 
@@ -48,10 +49,35 @@ def token_classification(args, tokenizer) -> TaskData:
             return enc
         return encode
 
-    # Eval rows are padded to --max_seq_length here so that every eval batch has the same length and the
+    tests = {}
+    if args.do_predict:
+        test, test_name = load_split(args, ("test",), args.test_file, n=args.max_predict_samples)
+        if test is None:
+            raise DataError("--do_predict: pass --test_file (CoNLL txt/conll, json or jsonl; tags optional)")
+        require_columns([(test, test_name)], [word_col])
+        if tag_col not in test.column_names:  # no tags: a stand-in tag marks each word's first sub-token, where it is predicted
+            test = test.add_column(tag_col, [[0 if names else label_list[0]] * len(words) for words in test[word_col]])
+        if not names:
+            check_known(test, lambda tags: tags, label_to_id, test_name, tag_col)
+        tests[args.task] = test
+
+    # Eval (and test) rows are padded to --max_seq_length here so that every batch has the same length and the
     # loop can gather and concatenate [B, L, C] logits across batches and ranks; train batches pad dynamically.
-    return TaskData(
+    return TokenClassificationData(
         train=tokenize(train, encoder(pad=False)), eval=tokenize(evaluation, encoder(pad=True)),
         label_list=label_list, collator=DataCollatorForTokenClassification(tokenizer),
-        compute_metrics=token_classification_metrics(label_list), model_class=AutoModelForTokenClassification,
+        compute_metrics=token_classification_metrics(label_list, strict=args.entity_scoring == "strict"),
+        model_class=AutoModelForTokenClassification,
+        predict_sets={name: tokenize(ds, encoder(pad=True)) for name, ds in tests.items()},
     )
+
+
+class TokenClassificationData(TaskData):
+    def prediction_file(self, name: str) -> str:
+        return "predictions.txt"
+
+    def prediction_lines(self, logits: np.ndarray, labels: np.ndarray | None) -> list[str]:
+        """run_ner.py's predictions.txt: each sentence's predicted tags, one per word (truncated words have none)."""
+        preds = logits.argmax(-1)
+        return [" ".join(self.label_list[p] for p, gold in zip(row, marks) if gold != -100)
+                for row, marks in zip(preds, labels)]
