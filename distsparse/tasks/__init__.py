@@ -11,6 +11,7 @@ from typing import Callable
 from ..errors import DataError
 from .base import TaskData
 from .classification import multi_label_classification, text_classification
+from .glue import glue_task
 from .masked_lm import masked_lm
 from .question_answering import question_answering
 from .token_classification import token_classification
@@ -27,6 +28,7 @@ TASKS: dict[str, Callable] = {
 def build_task(args, tokenizer) -> TaskData:
     if args.task not in TASKS:
         raise DataError(f"--task {args.task!r} is not supported (supported: {', '.join(TASKS)})")
+    glue_task(args)  # --task_name: a GLUE task, and --task text-classification
     task = TASKS[args.task](args, tokenizer)
     if args.do_predict and not task.predict_sets:
         raise DataError(f"--do_predict: --task {args.task} writes no predictions "

@@ -83,7 +83,8 @@ def text_classification(args, tokenizer) -> TaskData:
     if preset:
         regression = preset.regression
         label_list = list(preset.labels or ["LABEL_0"])
-        ids = {} if names else {v: label_id(preset, v, where, label_col) for ds, where in splits for v in set(ds[label_col])}
+        ids = {} if names else {v: label_id(preset, v, where, label_col)
+                                for ds, where in splits if ds is not None for v in set(ds[label_col])}
         to_label = (lambda v: v) if names else ids.__getitem__
         metrics = glue_metrics(preset)
     else:

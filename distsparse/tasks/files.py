@@ -103,7 +103,8 @@ def hub_dataset(args) -> tuple[datasets.DatasetDict, str]:
         return datasets.load_dataset(args.dataset_name, args.dataset_config_name), name
     except Exception as err:  # offline, unknown name, no such config: many types, one readable line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"--dataset_name {name}: cannot be loaded from the Hub: {reason[:300]}") from None
+        raise DataError(f"{name}: Hub dataset cannot be loaded: {reason[:300]} "
+                        "(pass local files: --train_file, --validation_file)") from None
 
 
 def load_split(args, hub_splits: tuple[str, ...], path, reader: Callable = read_file, n: int | None = None,
