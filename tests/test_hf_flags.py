@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import CONSTANT_PRUNING, small_recipe
+from conftest import CONSTANT_PRUNING, FIXTURES, small_recipe
 from distsparse.args import parse_args
 from distsparse.cli import main as cli
 from distsparse.errors import UserError
@@ -84,3 +84,35 @@ def test_results_files_best_model_and_eval_only(job, tmp_path, capsys):
 def test_best_model_needs_matching_strategies(job, capsys):
     assert cli(job("x", "--load_best_model_at_end", "--save_strategy", "no")) == 2
     assert "--load_best_model_at_end: needs --save_strategy equal to --eval_strategy" in capsys.readouterr().err
+
+
+def test_predict_after_training_and_from_the_saved_qat_model(job, tmp_path, capsys):
+    """--do_predict writes run_glue.py's predict_results file in the test file's order; a predict-only run
+    of the saved QAT folder (its recipe and scales) writes the same file and nothing else."""
+    assert cli(job("out", "--do_train", "--do_eval", "--do_predict", "--test_file", str(tmp_path / "dev.csv"))) == 0
+    out = tmp_path / "out"
+    lines = (out / "predict_results_text-classification.txt").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and [line.split("\t")[0] for line in lines[1:]] == [str(i) for i in range(20)]
+    gold = [row.rsplit(",", 1)[1] for row in (tmp_path / "dev.csv").read_text().splitlines()[1:]]
+    predicted = [line.split("\t")[1] for line in lines[1:]]
+    assert set(predicted) <= {"0", "1"}
+    accuracy = json.loads((out / "eval_results.json").read_text())["eval_accuracy"]
+    assert sum(p == g for p, g in zip(predicted, gold)) / 20 == pytest.approx(accuracy)  # row i is dev row i
+
+    assert cli(["train", "--do_predict", "--model_name_or_path", str(out), *job("p")[5:7], "--test_file",
+                str(tmp_path / "dev.csv"), "--output_dir", str(tmp_path / "p"), "--max_seq_length", "32"]) == 0
+    assert (tmp_path / "p" / "predict_results_text-classification.txt").read_text().splitlines() == lines
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["all_results.json", "predict_results_text-classification.txt"]
+
+
+@pytest.mark.parametrize("case", ["no test file", "best model", "qa"])
+def test_predict_refusals(job, tmp_path, capsys, case):
+    extra = {"no test file": ["--do_predict"],
+             "best model": ["--do_train", "--do_predict", "--test_file", "x.csv", "--load_best_model_at_end"],
+             "qa": ["--do_predict", "--task", "question-answering", "--train_file", str(FIXTURES / "squad_tiny.json"),
+                    "--test_file", str(FIXTURES / "squad_tiny.json")]}[case]
+    message = {"no test file": "--do_predict: pass --test_file",
+               "best model": "--load_best_model_at_end with --do_predict: predict in a second run",
+               "qa": "--do_predict: --task question-answering writes no predictions"}[case]
+    assert cli(job("x", *extra)) == 2
+    assert message in capsys.readouterr().err

@@ -24,13 +24,13 @@ TASKS: dict[str, Callable] = {
     "masked-lm": masked_lm,
 }
 
+PREDICTING = ("text-classification", "token-classification")  # run_glue.py's and run_ner.py's predict files
+
 
 def build_task(args, tokenizer) -> TaskData:
     if args.task not in TASKS:
         raise DataError(f"--task {args.task!r} is not supported (supported: {', '.join(TASKS)})")
+    if args.do_predict and args.task not in PREDICTING:
+        raise DataError(f"--do_predict: --task {args.task} writes no predictions ({' and '.join(PREDICTING)} do)")
     glue_task(args)  # --task_name: a GLUE task, and --task text-classification
-    task = TASKS[args.task](args, tokenizer)
-    if args.do_predict and not task.predict_sets:
-        raise DataError(f"--do_predict: --task {args.task} writes no predictions "
-                        "(text-classification and token-classification do)")
-    return task
+    return TASKS[args.task](args, tokenizer)

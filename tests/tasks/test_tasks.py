@@ -93,6 +93,22 @@ def test_labels_on_first_sub_token(tokenizer, tmp_path):
     assert set(evaluated["labels"][len(row["labels"]):]) == {-100}
 
 
+def test_token_test_file_without_tags(tokenizer, tmp_path):
+    """--do_predict rows need no tags: each word's first sub-token is still marked (not -100) for its prediction."""
+    path = write_jsonl(tmp_path / "ner.jsonl", [{"tokens": ["Peter", "Blackburnshire", "."], "ner_tags": ["B-PER", "I-PER", "O"]}])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"tokens": ["Uzbekistan", "visited", "Blackburnshire"]}])
+    t = task(tokenizer, "--task", "token-classification", "--train_file", path, "--do_predict", "--test_file", test,
+             "--max_seq_length", "16")
+    row = t.predict_sets["token-classification"][0]
+    pieces = tokenizer.convert_ids_to_tokens(row["input_ids"])
+    marked = [p for p, lab in zip(pieces, row["labels"]) if lab != -100]
+    assert len(row["input_ids"]) == 16 and marked == [p for p in pieces if p not in ("[CLS]", "[SEP]", "[PAD]")
+                                                      and not p.startswith("##")]
+    assert len(marked) == 3 and t.prediction_file("token-classification") == "predictions.txt"
+    lines = t.prediction_lines(np.eye(4)[[[2] * 16]], np.array([row["labels"]]))
+    assert lines == [f"{t.label_list[2]} {t.label_list[2]} {t.label_list[2]}"]
+
+
 def fake_hub(monkeypatch, train: dict, features: datasets.Features):
     ds = datasets.Dataset.from_dict(train, features=features)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.DatasetDict(train=ds, validation=ds))
@@ -310,9 +326,16 @@ def train_and_recompute(tmp_path, capsys, num_labels: int, *argv):
 def test_train_ner_conll2003_and_export(tmp_path, capsys, folder):
     logged, recomputed, log, batch, logits = train_and_recompute(
         tmp_path, capsys, 9, "--task", "token-classification", "--train_file", str(folder / "train.txt"),
-        "--validation_file", str(folder / "valid.txt"), "--max_train_samples", "300", "--max_eval_samples", "100")
+        "--validation_file", str(folder / "valid.txt"), "--max_train_samples", "300", "--max_eval_samples", "100",
+        "--do_train", "--do_eval", "--do_predict", "--test_file", str(folder / "valid.txt"), "--max_predict_samples", "100")
     assert "eval/f1=" in log and "eval/precision=" in log and "eval/PER_f1=" in log
     assert logged == pytest.approx(recomputed, abs=1e-5)
+    # run_ner.py's predictions.txt: per sentence, the argmax tag of each word's first sub-token.
+    names = AutoModelForTokenClassification.from_pretrained(tmp_path / "out").config.id2label
+    want = [" ".join(names[int(k)] for k, gold in zip(row, marks) if gold != -100)
+            for row, marks in zip(logits.argmax(-1), batch["labels"].numpy())]
+    assert (tmp_path / "out" / "predictions.txt").read_text().splitlines() == want
+    assert [len(line.split()) for line in want] == [len(w) for w in read_file(folder / "valid.txt")["tokens"][:100]]
     assert 0.5 < logged["eval/accuracy"] <= 1 and 0.05 < logged["eval/f1"] <= 1  # some entities found
     # The exported ONNX model tags the eval sentences as the PyTorch model does.
     assert export_main(["--model_path", str(tmp_path / "out"), "--output_dir", str(tmp_path / "onnx"),
