@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -245,3 +246,32 @@ def test_mask_parameter_plain_and_single_process_collectives():
     distributed.broadcast_([t], src=0)
     assert torch.equal(t, torch.arange(3.0))
     assert distributed.any_rank(True) and not distributed.any_rank(False)
+
+
+def test_two_ranks_predict_in_dataset_order(job):
+    """--do_predict on 2 ranks: each predicts its share, rank 0 writes every test row once, in the file's order,
+    as one process does (13 rows in batches of 4: the last batch is short, Accelerate pads and drops the pad)."""
+    from distsparse.train import main as train
+
+    words = "good great fine bad awful poor movie film plot actor scene story".split()
+    (job.root / "scores.csv").write_text("sentence,label\n" + "".join(
+        f"{' '.join(words[(i * 5 + j * 3) % len(words)] for j in range(2 + i % 7))},{i / 13:.3f}\n" for i in range(13)))
+    (job.root / "dense.yaml").write_text(TWO_EPOCHS_LINEAR_LR)
+    model = tiny_bert(1, seed=3)  # a regression head whose weights are scaled so the rows' scores differ visibly
+    with torch.no_grad():
+        model.classifier.weight.mul_(1000.0)
+    model.config.problem_type = "regression"
+    model.save_pretrained(job.root / "regression")
+    shutil.copy(job.model / "tokenizer.json", job.root / "regression")
+    shutil.copy(job.model / "tokenizer_config.json", job.root / "regression")
+    extra = ["--do_predict", "--train_file", str(job.root / "scores.csv"), "--test_file", str(job.root / "scores.csv"),
+             "--model_name_or_path", str(job.root / "regression"), "--recipe", str(job.root / "dense.yaml"),
+             "--teacher", "disable", "--per_device_eval_batch_size", "4"]
+    proc, out = job.launch("predict", "ddp", *extra)
+    ok(proc)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert train(job.args(job.root / "predict-single", BATCH, *extra)) == 0
+    single = (job.root / "predict-single" / "predict_results_text-classification.txt").read_text().splitlines()
+    assert (out / "predict_results_text-classification.txt").read_text().splitlines() == single
+    assert single[0] == "index\tprediction" and [line.split("\t")[0] for line in single[1:]] == [str(i) for i in range(13)]
+    assert len({line.split("\t")[1] for line in single[1:]}) >= 10  # the rows' scores differ: the order is visible
