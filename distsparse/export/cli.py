@@ -27,7 +27,9 @@ def build_export_parser() -> argparse.ArgumentParser:
                                 description="Export a trained model folder to ONNX and verify it.")
     p.add_argument("--model_path", required=True, help="the folder distsparse train wrote (--output_dir)")
     p.add_argument("--output_dir", required=True, help="the deployment folder to write")
-    p.add_argument("--task", choices=list(EXPORT_TASKS), default=None, help="default: from config.json's architectures")
+    p.add_argument("--task", type=export_task, default=None,
+                   help=f"{', '.join(EXPORT_TASKS)}, or SparseML's export_onnx names ({', '.join(SPARSEML_TASKS)}); "
+                        "default: from config.json's architectures")
     p.add_argument("--sequence_length", type=int, default=128,
                    help="longest sample input (they are padded to the longest sample sentence; axes stay dynamic)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (13 or newer for per-channel int8)")
@@ -35,6 +37,21 @@ def build_export_parser() -> argparse.ArgumentParser:
                    help="max abs difference allowed between onnxruntime and PyTorch "
                         "(default: derived from the model's quantization, see the README)")
     return p
+
+
+# sparseml.transformers.export_onnx --task names (it also turns _ into -), as ours.
+SPARSEML_TASKS = {"glue": "text-classification", "sequence-classification": "text-classification",
+                  "sentiment-analysis": "text-classification", "ner": "token-classification",
+                  "qa": "question-answering", "mlm": "masked-lm", "masked-language-modeling": "masked-lm"}
+
+
+def export_task(name: str) -> str:
+    """--task: one of ours, or SparseML's name for it."""
+    name = name.replace("_", "-")
+    task = SPARSEML_TASKS.get(name, name)
+    if task not in EXPORT_TASKS:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a task ({', '.join([*EXPORT_TASKS, *SPARSEML_TASKS])})")
+    return task
 
 
 def export_main(argv: list[str] | None = None) -> int:

@@ -115,3 +115,18 @@ def test_qat_text_classifier_folder_gives_pytorch_labels_the_way_optimum_reads_i
         expected = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
     assert [id2label[i] for i in logits.argmax(-1)] == [model.config.id2label[i] for i in expected.argmax(-1).tolist()]
     assert set(id2label.values()) == {"negative", "positive"}
+
+
+def test_sparseml_task_names_are_aliases(capsys):
+    """sparseml.transformers.export_onnx's --task names (glue, ner, qa, mlm; _ read as -) name our tasks."""
+    from distsparse.export.cli import build_export_parser
+
+    def task_of(name):
+        return build_export_parser().parse_args(["--model_path", "m", "--output_dir", "o", "--task", name]).task
+
+    assert [task_of(n) for n in ("glue", "ner", "qa", "mlm", "sequence_classification", "token-classification")] == [
+        "text-classification", "token-classification", "question-answering", "masked-lm", "text-classification",
+        "token-classification"]
+    with pytest.raises(SystemExit):
+        task_of("summarization")
+    assert "'summarization' is not a task (text-classification, " in capsys.readouterr().err
