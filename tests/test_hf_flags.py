@@ -4,10 +4,11 @@ a saved QAT model, and a line when the recipe overrides a flag the user gave."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
-from conftest import CONSTANT_PRUNING, FIXTURES, small_recipe
+from conftest import CONSTANT_PRUNING, FIXTURES, ROOT, small_recipe
 from distsparse.args import parse_args
 from distsparse.cli import main as cli
 from distsparse.errors import UserError
@@ -33,6 +34,11 @@ def test_flags_parse_as_transformers_spells_them():
         parse_args(["--fp16", "--mixed_precision", "bf16"])
     with pytest.raises(SystemExit):
         parse_args(["--do_train", "maybe"])
+    only_predict = parse_args(["--do_predict", "--test_file", "t.csv", "--task_name", "stsb"])
+    assert only_predict.do_predict and not (only_predict.do_train or only_predict.do_eval)  # as TrainingArguments
+    assert only_predict.test_file == "t.csv" and only_predict.task_name == "stsb"
+    assert parse_args(["--sequence_length", "64"]).max_seq_length == 64  # SparseML's name
+    assert parse_args([]).entity_scoring == "conlleval" and parse_args(["--entity_scoring", "strict"]).entity_scoring == "strict"
 
 
 @pytest.fixture
@@ -116,3 +122,35 @@ def test_predict_refusals(job, tmp_path, capsys, case):
                "qa": "--do_predict: --task question-answering writes no predictions"}[case]
     assert cli(job("x", *extra)) == 2
     assert message in capsys.readouterr().err
+
+
+def readme_command(marker: str) -> list[str]:
+    """The README's shell command whose first line contains ``marker``, as argv (without ``distsparse``)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(marker)
+    command = text[start:text.index("\n```", start)].replace("\\\n", " ")
+    return shlex.split(command)[1:]
+
+
+def test_readme_run_glue_command_runs_unchanged(tmp_path, tiny_model_dir, capsys):
+    """The README's run_glue.py-style RTE command, its data paths pointed at the synthetic RTE files (and a
+    label-less test file, as GLUE's test.tsv), the tiny model and a short recipe added: it runs and writes
+    HF's files."""
+    argv = readme_command("distsparse train --task_name rte --do_train")
+    assert parse_args(argv[1:]).task_name == "rte"
+    dev = (FIXTURES / "entailment" / "dev.tsv").read_text().splitlines()
+    (tmp_path / "test.tsv").write_text("".join(line.rsplit("\t", 1)[0] + "\n" for line in dev))
+    files = {"../shared/data/rte/train.tsv": str(FIXTURES / "entailment" / "train.tsv"),
+             "../shared/data/rte/dev.tsv": str(FIXTURES / "entailment" / "dev.tsv"),
+             "../shared/data/rte/test.tsv": str(tmp_path / "test.tsv"), "outputs/rte": str(tmp_path / "rte")}
+    (tmp_path / "recipe.yaml").write_text(small_recipe(CONSTANT_PRUNING, num_epochs=1.0))
+    argv = [files.get(a, a) for a in argv] + ["--model_name_or_path", str(tiny_model_dir),
+                                              "--recipe", str(tmp_path / "recipe.yaml")]
+    assert cli(argv) == 0
+    assert "--learning_rate 2e-05: the recipe's LearningRateFunctionModifier sets it instead" in capsys.readouterr().out
+    out = tmp_path / "rte"
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_samples"] == 20 and 0 <= results["eval_accuracy"] <= 1 and results["train_samples"] == 60
+    lines = (out / "predict_results_rte.txt").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 21
+    assert {line.split("\t")[1] for line in lines[1:]} <= {"entailment", "not_entailment"}

@@ -196,7 +196,8 @@ def test_train_stsb_regression_predict_and_export(tmp_path, tokenizer):
     lines = (out / "predict_results_stsb.txt").read_text().splitlines()
     assert lines == ["index\tprediction", *(f"{i}\t{s:3.3f}" for i, s in enumerate(scores))]
     # The regression head exports: one output per row, as PyTorch computes it.
-    assert export_main(["--model_path", str(out), "--output_dir", str(tmp_path / "onnx"), "--sequence_length", "32"]) == 0
+    assert export_main(["--model_path", str(out), "--output_dir", str(tmp_path / "onnx"), "--sequence_length", "32",
+                        "--task", "glue"]) == 0  # SparseML's name for it
     report = json.loads((tmp_path / "onnx" / "export_report.json").read_text())
     assert report["task"] == "text-classification" and report["max_abs_diff"] < 1e-4
 
