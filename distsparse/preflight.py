@@ -86,9 +86,15 @@ def check_model_path(flag: str, value: str) -> None:
         raise UserError(f"--{flag} {value}: no such model folder")
 
 
-def check_teacher_labels(args, num_labels: int) -> None:
-    """A teacher with a classification head must predict the task's labels."""
-    if args.teacher in (None, "", "disable", "self"):
+def check_teacher_labels(args, num_labels: int, problem_type: str | None = None) -> None:
+    """A teacher with a classification head must predict the task's labels; a regression has no
+    class distribution for the DistillationModifier to compare (its KL over one output is always 0)."""
+    if args.teacher in (None, "", "disable"):
+        return
+    if problem_type == "regression":
+        raise UserError(f"--teacher {args.teacher}: distillation compares class distributions, a regression "
+                        "task (one output, e.g. STS-B) has none; use --teacher disable")
+    if args.teacher == "self":
         return
     config = load_config("teacher", args.teacher)
     if _has_task_head(config) and config.num_labels != num_labels:

@@ -117,7 +117,7 @@ def setup(args: argparse.Namespace) -> Run:
     datasets.disable_progress_bars()  # a bad input must end in one readable line
     transformers.utils.logging.disable_progress_bar()
     task = build_task_everywhere(args, tokenizer, accelerator)
-    preflight.check_teacher_labels(args, task.num_labels)
+    preflight.check_teacher_labels(args, task.num_labels, task.problem_type)
     say_recipe_overrides(args, recipe, accelerator)
     model = from_pretrained(task.model_class, model_path, **model_kwargs(task))
     teacher = launch.load_teacher(args, model, task.model_class, model_kwargs(task))
@@ -177,9 +177,9 @@ def build_task_everywhere(args, tokenizer, accelerator):
     return task
 
 
-def eval_dataloader(run_args, accelerator, task, dataset) -> DataLoader:
+def eval_dataloader(args, accelerator, task, dataset) -> DataLoader:
     """Evaluation or prediction batches in the dataset's order, dealt to the ranks by Accelerate."""
-    return accelerator.prepare(DataLoader(dataset, batch_size=run_args.per_device_eval_batch_size,
+    return accelerator.prepare(DataLoader(dataset, batch_size=args.per_device_eval_batch_size,
                                           collate_fn=task.collator))
 
 
@@ -474,7 +474,8 @@ def write_results(run: Run, out: Path) -> None:
                            **{f"eval_{k[5:]}": v for k, v in run.metrics.items()}}
     for kind, values in results.items():
         checkpoint.write_json(out / f"{kind}_results.json", values)
-    checkpoint.write_json(out / "all_results.json", {k: v for values in results.values() for k, v in values.items()})
+    if results:  # a predict-only run has none
+        checkpoint.write_json(out / "all_results.json", {k: v for values in results.values() for k, v in values.items()})
 
 
 def result_table(metrics: dict, sparsity: dict, quantized: bool, output_dir) -> str:

@@ -60,9 +60,9 @@ def text_classification(args, tokenizer) -> TaskData:
     ``--task_name`` (a GLUE task) fixes the columns, the label names and the metrics (``glue.py``).
     Regression, as run_glue.py: STS-B, or a label column of floats; one output, MSE loss."""
     preset = glue_task(args)
-    if preset and not (args.train_file or args.dataset_name):
-        args = copy(args)
-        args.dataset_name, args.dataset_config_name = HUB_DATASET, args.task_name
+    if preset and not args.train_file and (args.dataset_name or HUB_DATASET) in ("glue", HUB_DATASET):
+        args = copy(args)  # the Hub's GLUE, this task's config
+        args.dataset_name, args.dataset_config_name = args.dataset_name or HUB_DATASET, args.task_name
     train, evaluation, train_name, eval_name = load_splits(args)
     if preset:
         columns, label_col = layout(preset, train.column_names)

@@ -146,7 +146,8 @@ def fake_glue(monkeypatch, name: str):
 def test_mnli_from_the_hub(tokenizer, monkeypatch):
     calls = fake_glue(monkeypatch, "mnli")
     t = task(tokenizer, "--task_name", "mnli", "--do_predict")
-    assert set(calls) == {("nyu-mll/glue", "mnli")}
+    task(tokenizer, "--task_name", "mnli", "--dataset_name", "glue")  # HF's older name, no config needed either
+    assert set(calls) == {("nyu-mll/glue", "mnli"), ("glue", "mnli")}
     assert t.eval["labels"] == [0, 1, 2] and t.more_evals["mm"]["labels"] == [2, 2, 1]
     assert set(t.predict_sets) == {"mnli", "mnli-mm"} and "labels" not in t.predict_sets["mnli"].column_names
     assert tokenizer.decode(t.predict_sets["mnli-mm"][0]["input_ids"], skip_special_tokens=True) == "tmm premise 0 tmm hypothesis 0"
@@ -200,6 +201,12 @@ def test_train_stsb_regression_predict_and_export(tmp_path, tokenizer):
                         "--task", "glue"]) == 0  # SparseML's name for it
     report = json.loads((tmp_path / "onnx" / "export_report.json").read_text())
     assert report["task"] == "text-classification" and report["max_abs_diff"] < 1e-4
+
+
+def test_regression_refuses_a_teacher(tmp_path, tiny_model_dir, capsys):
+    assert cli(["train", "--task_name", "stsb", "--train_file", str(GLUE_FILES / "stsb_train.tsv"), "--teacher", "self",
+                "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "--teacher self: distillation compares class distributions, a regression task" in capsys.readouterr().err
 
 
 def test_train_mnli_reports_mismatched(tmp_path):
