@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import CONSTANT_PRUNING, FIXTURES, minilm_dir, small_recipe, tiny_bert
+from conftest import CONSTANT_PRUNING, FIXTURES, SHARED, minilm_dir, requires_shared, small_recipe, tiny_bert
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distsparse.args import parse_args
@@ -20,6 +20,7 @@ from distsparse.tasks import build_task
 from distsparse.tasks.glue import GLUE
 
 GLUE_FILES = FIXTURES / "glue"
+DATA = SHARED / "data"
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +46,33 @@ def test_cola_columns_labels_metric(tokenizer):
     assert set(t.compute_metrics(np.eye(2)[[0, 1]], np.array([0, 1]))) == {"matthews_correlation"}
 
 
-def test_mrpc_and_rte_read_glue_tsv_layouts(tokenizer):
-    """MRPC's download names its columns #1 String / #2 String / Quality; RTE's labels are names."""
-    mrpc = task(tokenizer, "--task_name", "mrpc", "--train_file", str(FIXTURES / "paraphrase/train.tsv"),
-                "--validation_file", str(FIXTURES / "paraphrase/dev.tsv"))
-    rows = tsv_rows(FIXTURES / "paraphrase/train.tsv")
-    assert mrpc.label_list == ["not_equivalent", "equivalent"]
-    assert mrpc.train["labels"] == [int(r["Quality"]) for r in rows] and 1 in mrpc.train[0]["token_type_ids"]
-    assert set(mrpc.compute_metrics(np.eye(2)[[0, 1]], np.array([0, 1]))) == {"accuracy", "f1", "combined_score"}
-    rte = task(tokenizer, "--task_name", "rte", "--train_file", str(FIXTURES / "entailment/train.tsv"))
-    want = [GLUE["rte"].labels.index(r["label"]) for r in tsv_rows(FIXTURES / "entailment/train.tsv")]
-    assert rte.label_list == ["entailment", "not_entailment"] and rte.train["labels"] == want
+# (--task_name, folder of GLUE's train/dev/test TSVs, label column): the synthetic files, then the real ones.
+GLUE_TSVS = [
+    pytest.param("mrpc", FIXTURES / "paraphrase", "Quality", id="mrpc-synthetic"),
+    pytest.param("rte", FIXTURES / "entailment", "label", id="rte-synthetic"),
+    pytest.param("mrpc", DATA / "mrpc", "Quality", marks=requires_shared, id="mrpc"),
+    pytest.param("rte", DATA / "rte", "label", marks=requires_shared, id="rte"),
+    pytest.param("sst2", DATA / "sst2", "label", marks=requires_shared, id="sst2"),
+]
+
+
+@pytest.mark.parametrize("name, folder, label", GLUE_TSVS)
+def test_glue_tsvs_as_downloaded(tokenizer, name, folder, label):
+    """GLUE's TSVs as they are: MRPC's columns are #1 String / #2 String / Quality, RTE's labels are names;
+    GLUE's test.tsv (no labels) is what --do_predict reads."""
+    test = folder / "test.tsv" if (folder / "test.tsv").is_file() else folder / "dev.tsv"
+    t = task(tokenizer, "--task_name", name, "--train_file", str(folder / "train.tsv"), "--validation_file",
+             str(folder / "dev.tsv"), "--do_predict", "--test_file", str(test), "--max_train_samples", "300")
+    rows = tsv_rows(folder / "train.tsv")[:300]
+    preset = GLUE[name]
+    assert t.label_list == list(preset.labels)
+    assert t.train["labels"] == [int(r[label]) if r[label].isdigit() else preset.labels.index(r[label]) for r in rows]
+    columns = preset.tsv_columns if name == "mrpc" else preset.columns
+    first = tokenizer(*[rows[0][c] for c in columns], truncation=True, max_length=128)["input_ids"]
+    assert t.train[0]["input_ids"] == first and len(t.eval) == len(tsv_rows(folder / "dev.tsv"))
+    assert len(t.predict_sets[name]) == len(tsv_rows(test)) and "labels" not in t.predict_sets[name].column_names
+    assert set(t.compute_metrics(np.eye(2)[[0, 1]], np.array([0, 1]))) == set(
+        {"mrpc": ["accuracy", "f1", "combined_score"]}.get(name, ["accuracy"]))
 
 
 def test_stsb_is_a_regression(tokenizer):
