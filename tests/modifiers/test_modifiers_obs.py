@@ -75,10 +75,28 @@ def explicit_inverse(model, batches, num_grads, block):
 
 
 def test_fisher_inverse_matches_linalg_inv():
-    g = torch.randn(40, 3, 8, dtype=torch.float64)
-    sums = torch.einsum("mbi,mbj->bij", g, g).float()
-    expected = torch.linalg.inv(torch.einsum("mbi,mbj->bij", g, g) / 40 + 1e-3 * torch.eye(8, dtype=torch.float64))
-    torch.testing.assert_close(fisher_inverse_(sums, 40, 1e-3).double(), expected, rtol=1e-5, atol=1e-5)
+    g = torch.randn(40, 5, 8, dtype=torch.float64)
+    exact = torch.einsum("mbi,mbj->bij", g, g)
+    exact[3] = -torch.eye(8, dtype=torch.float64)  # not positive definite: Cholesky fails, LU takes this block
+    expected = torch.linalg.inv(exact / 40 + 1e-3 * torch.eye(8, dtype=torch.float64))
+    got = fisher_inverse_(exact.float(), 40, 1e-3, chunk=2).double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got[3, 0, 0] == pytest.approx(1 / (1e-3 - 1 / 40))
+
+
+@pytest.mark.parametrize("buffer_bytes", [1, 4 * 64 * 5])  # one gradient at a time; 5 (32 = 6 x 5 + 2)
+def test_buffered_gradients_give_the_same_step(monkeypatch, buffer_bytes):
+    from distsparse.modifiers import obs
+
+    x, y, _ = regression_data()
+    w0 = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    reference = Regression(w0)
+    expected = one_shot(reference, 0.5, batches=batches_of(x, y, 16)).masks["lin.weight"]
+    monkeypatch.setattr(obs, "GRAD_BUFFER_BYTES", buffer_bytes)
+    model = Regression(w0)
+    modifier = one_shot(model, 0.5, batches=batches_of(x, y, 16))
+    assert torch.equal(modifier.masks["lin.weight"], expected)
+    torch.testing.assert_close(model.lin.weight, reference.lin.weight, rtol=1e-4, atol=1e-4)  # float32 sums, another order
 
 
 @pytest.mark.parametrize("mask_type", ["unstructured", "block4"])
