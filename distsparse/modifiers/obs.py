@@ -7,13 +7,22 @@ current mask), builds the Fisher ``F = damp * I + (1/m) sum g g^T`` restricted t
 lowest-scoring to the scheduled sparsity and moves the weights that stay by the OBS update
 ``-F^-1 e_q w_q / [F^-1]_qq`` summed over the pruned ``q`` (SparseML's choice).
 
-Across ranks: SparseML builds the inverse by Woodbury updates, one gradient after another on rank 0.
-That sequence cannot be split, but the Fisher itself is a sum: here each rank adds the outer
+Why no Woodbury updates: SparseML starts each block from ``I / damp`` and applies one
+Sherman-Morrison update per gradient, ``F^-1 -= (F^-1 g)(F^-1 g)^T / (m + g^T F^-1 g)``. After all
+``m`` gradients that is exactly ``(damp I + (1/m) sum g g^T)^-1``, the inverse of the same matrix
+built here by summing the outer products and inverting once. The sum is cheaper: gradients are
+buffered and added by one batched matmul per weight (``add_outer_products_``), then one batched
+Cholesky per chunk of blocks, where Woodbury makes ``m`` sequential passes of three batched
+matmuls over every block. Measured on one MiniLM-L6 layer (1.77M weights, block 16, 64
+gradients, float32, 1 thread: ``bench/obs_sst2.py --parts inverse --repeats 1 --threads 1``):
+Woodbury 49.7 s, summed + Cholesky 3.6 s (13.9x), both within 2e-15 of ``torch.linalg.inv`` in float64.
+
+Across ranks the sum also splits where Woodbury's sequence cannot: each rank adds the outer
 products of its share of the ``num_grads`` samples (its own data shard, forward/backward on the
 unwrapped model, so DDP's reducer never runs), one fused all-reduce sums them, and every rank
 inverts the same matrix; masks and updated weights are then broadcast from rank 0, so they are
-bitwise equal everywhere. The inverse equals the Woodbury result (same matrix), computed in float64.
-Memory per rank: ``4 * d * B`` bytes for ``d`` pruned weights at block size ``B``.
+bitwise equal everywhere. Memory per rank: ``4 * d * B`` bytes for ``d`` pruned weights at block
+size ``B``, plus the gradient buffer (at most ``GRAD_BUFFER_BYTES``).
 """
 from __future__ import annotations
 
