@@ -177,6 +177,8 @@ def test_global_sparsity_and_recomputations():
     fire([modifier], Event.INIT, state)
     fire([modifier], Event.BATCH_START, state)
     assert drawn == [5] * 24  # 3 rounds of 8 gradients each, batch size from grad_sampler_kwargs
+    phases = [state.logs[f"obs/{p}_seconds"] for p in ("grads", "fisher", "all_reduce", "inverse", "scores_update")]
+    assert all(t >= 0 for t in phases) and 0 < sum(phases) <= state.logs["obs/step_seconds"]  # the 3 rounds summed
     assert int((~modifier.masks["lin.weight"]).sum()) == round(0.6 * 64)
     assert torch.equal(model.lin.weight == 0, ~modifier.masks["lin.weight"])
 
