@@ -88,12 +88,12 @@ def step_worker(args, model_dir: Path, work: Path) -> dict:
     from distsparse import distributed
     from distsparse.train import train_step
 
-    bl.set_threads(args.threads)
     one_shot = recipe_args(args, init_sparsity=0.8, pruning_end_epoch=0)  # one OBS step, at step 0
     run = bl.build_run(model_dir, OBS_RECIPE.read_text(), work, f"step{distributed.world_size()}",
-                       "--recipe_args", one_shot, "--train_file", str(args.train_file), "--max_train_samples", str(args.train_rows),
-                       "--max_seq_length", str(args.max_seq_length), "--per_device_train_batch_size",
-                       str(args.batch_size), "--teacher", "disable", "--overwrite_output_dir")
+                       "--recipe_args", one_shot, "--train_file", str(args.train_file), "--max_train_samples",
+                       str(args.train_rows), "--max_seq_length", str(args.max_seq_length),
+                       "--per_device_train_batch_size", str(args.batch_size), "--teacher", "disable",
+                       "--overwrite_output_dir")
     batches = itertools.cycle(run.train_loader)  # 4 steps, even from a tiny shard
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
