@@ -14,8 +14,9 @@ built here by summing the outer products and inverting once. The sum is cheaper:
 buffered and added by one batched matmul per weight (``add_outer_products_``), then one batched
 Cholesky per chunk of blocks, where Woodbury makes ``m`` sequential passes of three batched
 matmuls over every block. Measured on one MiniLM-L6 layer (1.77M weights, block 16, 64
-gradients, float32, 1 thread, load ~9 on 2 cores: ``bench/obs_sst2.py --parts inverse --repeats 1 --threads 1``):
-Woodbury 49.7 s, summed + Cholesky 3.6 s (13.9x), both within 2e-15 of ``torch.linalg.inv`` in float64.
+gradients, float32, 1 thread, load ~9 on 2 cores;
+``bench/obs_sst2.py --parts inverse --repeats 1 --threads 1``): Woodbury 49.7 s, summed +
+Cholesky 3.6 s (13.9x), both within 2e-15 of ``torch.linalg.inv`` in float64.
 
 Across ranks the sum also splits where Woodbury's sequence cannot: each rank adds the outer
 products of its share of the ``num_grads`` samples (its own data shard, forward/backward on the
