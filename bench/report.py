@@ -15,6 +15,7 @@ from pathlib import Path
 import accuracy_sst2
 import benchlib as bl
 import deploy_speed
+import obs_sst2
 import rank_sync
 import step_overhead
 
@@ -35,6 +36,10 @@ SECTIONS = [  # (result name, title, module, default command, what it answers)
      "--out bench/results/deploy_speed.json",
      "Targets: int8 ≥ 2x PyTorch fp32 at batch 32; no bigger or slower than SparseML's int8 export "
      "(21.9 MiB, 6.6 ms/row at batch 1 seq 64)."),
+    ("obs_sst2", "5. OBS (oBERT) against GMP at 80% sparsity; one OBS pruning step at 1 and 2 ranks", obs_sst2,
+     ".venv/bin/python bench/obs_sst2.py --out bench/results/obs_sst2.json",
+     "Issue 15: accuracy after OBS vs after GMP on the same SST-2 budget, the time (by phase) and memory of one "
+     "OBS pruning step, and the summed-Fisher inverse against SparseML's Woodbury updates."),
 ]
 MACHINE_KEYS = ["cpu", "cores", "cores_usable", "memory_gib", "os", "python", "torch", "accelerate", "transformers",
                 "onnxruntime", "distsparse"]

@@ -111,6 +111,30 @@ def test_accuracy_then_deploy(tmp_path):
     assert "| onnx_int8 |" in proc.stdout
 
 
+def test_obs_sst2(tmp_path):
+    out = tmp_path / "obs.json"
+    proc = bench("obs_sst2.py", "--work_dir", str(tmp_path / "work"), "--out", str(out))
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert list(runs) == ["obs", "gmp"]
+    for r in runs.values():  # 64 rows at batch 16, 1 epoch: 4 steps; the same recipe schedule reaches 80%
+        assert r["steps"] == 4 and r["encoder_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert "!GMPruningModifier" in (tmp_path / "work" / "gmp80.yaml").read_text()
+    assert "num_grads:" not in (tmp_path / "work" / "gmp80.yaml").read_text().split("pruning_modifiers:")[1]
+    assert result["obs_minus_gmp_accuracy"] == round(runs["obs"]["accuracy"] - runs["gmp"]["accuracy"], 4)
+    step = result["step"]
+    assert [r["world_size"] for r in step["1"]] == [1] and [r["world_size"] for r in step["2"]] == [2, 2]
+    for r in step["1"] + step["2"]:
+        p = r["phases"]
+        assert set(p) == {"grads", "fisher", "all_reduce", "inverse", "scores_update", "step"}
+        assert 0 < p["grads"] + p["inverse"] <= p["step"] <= r["first_step_seconds"]
+        assert r["peak_rss_mib"] >= r["rss_before_step_mib"] > 0
+    inv = result["inverse"]
+    assert (inv["weights"], inv["blocks"], inv["block_size"], inv["num_grads"]) == (128, 16, 8, 4)
+    assert all(gap < 1e-10 for gap in inv["max_relative_gap_to_linalg_inv_float64"].values())  # the same matrix
+    assert "| OBS |" in proc.stdout and "| 2 |" in proc.stdout
+
+
 def test_report_uses_measured_results_only(step_overhead, tmp_path):
     result, _ = step_overhead
     results = tmp_path / "results"
@@ -120,10 +144,11 @@ def test_report_uses_measured_results_only(step_overhead, tmp_path):
     (results / "step_overhead.json").write_text(json.dumps(measured))
     bench("report.py", "--results", str(results), "--out", str(tmp_path / "B.md"), tiny=False)
     text = (tmp_path / "B.md").read_text()
-    assert text.count("_Not yet measured._") == 3
+    assert text.count("_Not yet measured._") == 4
     assert measured["command"] in text and "| constant |" in text
     assert f"| cpu | {result['machine']['cpu']} |" in text and "| torch |" in text
-    for command in ("bench/rank_sync.py --out", "bench/accuracy_sst2.py --out", "bench/deploy_speed.py --model_path"):
+    for command in ("bench/rank_sync.py --out", "bench/accuracy_sst2.py --out", "bench/deploy_speed.py --model_path",
+                    "bench/obs_sst2.py --out"):
         assert command in text
 
 

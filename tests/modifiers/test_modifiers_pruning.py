@@ -333,3 +333,15 @@ def test_structured_masks_refuse_weights_they_cannot_tile():
         fire([gmp(params=["0.weight"], mask_type="block4")], Event.INIT, State(model=model, steps_per_epoch=SPE))
     with pytest.raises(RecipeError, match="matches no parameter"):
         fire([gmp(params=["re:nothing.*"])], Event.INIT, State(model=model, steps_per_epoch=SPE))
+
+
+def test_prune_lowest_breaks_ties_by_index_like_a_stable_sort():
+    from distsparse.modifiers.pruning import _prune_lowest
+
+    scores = torch.tensor([3.0, 1.0, 1.0, 0.5, 1.0, float("inf"), 2.0, 1.0])
+    assert _prune_lowest(scores, 0.375).tolist() == [True, False, False, False, True, True, True, True]
+    assert _prune_lowest(scores, 1.0).tolist() == [False] * 5 + [True] + [False] * 2  # inf is never pruned
+    assert _prune_lowest(scores, 0.0).all()
+    big = torch.randint(0, 50, (10_000,)).double()  # many ties
+    assert torch.equal(~_prune_lowest(big, 0.3), torch.zeros(10_000, dtype=torch.bool).index_fill(
+        0, big.argsort(stable=True)[:3000], True))
