@@ -157,17 +157,32 @@ def check_layer_qdq(g: OnnxGraph, layer: str, activations: list[str]) -> dict[st
 
 # -- outputs ---------------------------------------------------------------------------------------
 def output_layers(model: nn.Module, task: ExportTask, samples: dict[str, torch.Tensor]) -> list[nn.Module]:
-    """The Linear layers whose results the model returns as its outputs (QA splits one in two)."""
+    """The Linear layers whose results the model returns as its outputs: an output equals the
+    layer's result, or one slice of its last axis (QA's qa_outputs, split into start and end logits
+    and copied by ``.contiguous()``, so storage identity cannot tell). Empty unless every output
+    comes from one."""
     results = []
-    hooks = [m.register_forward_hook(lambda m, i, o: results.append((m, o)))
+    hooks = [m.register_forward_hook(lambda m, i, o: results.append((m, o.detach())))
              for m in model.modules() if isinstance(m, nn.Linear)]
     try:
         outputs = model_outputs(model, task, samples)
     finally:
         for h in hooks:
             h.remove()
-    storages = {o.untyped_storage().data_ptr() for o in outputs.values()}
-    return [m for m, o in results if o.untyped_storage().data_ptr() in storages]
+
+    def produces(o: torch.Tensor, out: torch.Tensor) -> bool:
+        if o.shape == out.shape:
+            return torch.equal(o, out)
+        return o.shape[:-1] == out.shape and any(torch.equal(o[..., j], out) for j in range(o.shape[-1]))
+
+    found = []
+    for out in outputs.values():
+        layer = next((m for m, o in reversed(results) if produces(o, out)), None)
+        if layer is None:
+            return []
+        if layer not in found:
+            found.append(layer)
+    return found
 
 
 def parity_tolerance(model: nn.Module, task: ExportTask, samples: dict[str, torch.Tensor],
