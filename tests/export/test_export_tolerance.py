@@ -13,7 +13,7 @@ from conftest import FIXTURES, ROOT, SHARED, minilm_dir, tiny_bert
 from distsparse.cli import main as cli
 from distsparse.export import EXPORT_TASKS, ExportCheckError, check_export, load_trained, sample_inputs
 from distsparse.export.build import model_outputs
-from distsparse.export.verify import output_layers, parity_tolerance
+from distsparse.export.verify import compare_outputs, output_layers, parity_tolerance, run_onnx
 from distsparse.train import main as train
 from export_helpers import QAT_RECIPE, replace_initializer, train_by_hand
 
@@ -230,3 +230,22 @@ def test_minilm_seed_shaped_recipe_exports_with_default_settings(tmp_path):
     assert cli(["export", "--model_path", str(tmp_path / "run"), "--output_dir", str(tmp_path / "deploy")]) == 0
     report = json.loads((tmp_path / "deploy" / "export_report.json").read_text())
     assert report["quantized"] and report["max_abs_diff"] <= report["atol"] and report["argmax_agreement"] == 1.0
+
+
+def test_a_corrupted_weight_is_refused_by_the_parity_check_alone(unclamped, tmp_path):
+    """A wrong export stays wrong under the derived tolerance: the pooler's int8 levels negated
+    (same zeros, same magnitudes) are refused by the weight check, and by onnxruntime's outputs
+    alone (measured: 14x the tolerance). In this tiny random model (logits within 0.05) a weight
+    negated deep in the encoder moves the logits by less than the tolerance: only the weight
+    check sees that one."""
+    model, samples, deploy = unclamped
+    report = json.loads((deploy / "export_report.json").read_text())
+    wrong = wrong_copy(deploy, tmp_path, "model.bert.pooler.dense.weight_quantized", lambda q: -q)
+    with pytest.raises(ExportCheckError, match="bert.pooler.dense.weight: values differ"):
+        check_export(wrong, model, TEXT, samples)
+    reference = {"logits": model_outputs(model, TEXT, samples)["logits"].numpy()}
+    got = run_onnx(wrong, {k: v.numpy() for k, v in samples.items()}, TEXT.output_names)
+    diff = float(np.abs(got["logits"] - reference["logits"]).max())
+    assert diff > 3 * report["atol"]
+    with pytest.raises(ExportCheckError, match="onnxruntime differs from PyTorch"):
+        compare_outputs(got, reference, report["atol"])
