@@ -23,10 +23,11 @@ PyTorch one, but its float sums round differently, and its QDQ fusions (graph op
 EXTENDED and up, on by default) compute in integer kernels, so activations can land levels apart.
 Measured on a 70%-sparse MiniLM after 16 steps of seed-shaped QAT (256 SST-2 rows) on an AVX2
 CPU: max diff 0.0094 with the default optimizations, 0.00043 with them off, against one level =
-0.0114; hence a margin of two levels. Seen since (issue 18), all within one level: a tiny QA
-model trained with squad_sparse_transfer.yaml, 0.0126 against one level = 0.0172 (it had been
-refused at 0.0111 = 2% of its output range, because the split start/end logits hid qa_outputs). A model quantized everywhere except its output layer cannot
-be bounded that way; it gets 2% of the outputs' range on the samples. An fp32 model gets the
+0.0114; hence a margin of two levels. Seen since (issue 18), within one level: a tiny QA model
+trained with squad_sparse_transfer.yaml, 0.0126 against one level = 0.0172 (it had been refused
+at 0.0111 = 2% of its output range: the split start/end logits hid qa_outputs). A model quantized
+everywhere except its output layer cannot be bounded that way; it gets 2% of the outputs' range
+on the samples. An fp32 model gets the
 first term alone. A wrong graph (a lost op, a swapped input, a wrong bias) moves outputs by many
 levels and flips argmaxes: the argmax must agree wherever PyTorch's top two are over 2 x
 tolerance apart.
