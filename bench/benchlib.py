@@ -19,7 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("DISTSPARSE_SHARED") or ROOT.parent / "shared")  # as tests/conftest.py
 SST2 = SHARED / "data" / "sst2"
 RECIPES = ROOT / "distsparse" / "recipes"
 # The encoder's linear weights, as distsparse/recipes/gmp80_qat.yaml prunes them.

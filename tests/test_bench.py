@@ -107,7 +107,7 @@ def test_accuracy_then_deploy(tmp_path):
     sizes = result["sizes_mib"]
     assert sizes["onnx_int8"] < sizes["onnx_fp32"] / 2  # int8 weights
     assert result["settings"]["encoder_sparsity"] == pytest.approx(0.8, abs=1e-3) and result["settings"]["threads"] == 1
-    assert len(result["targets"]) == 3
+    assert list(result["targets"]) == ["int8 ≥ 2x PyTorch fp32, batch 32 seq 64"]  # tiny: seq 64 only
     assert "| onnx_int8 |" in proc.stdout
 
 
@@ -144,7 +144,7 @@ def test_report_uses_measured_results_only(step_overhead, tmp_path):
     (results / "step_overhead.json").write_text(json.dumps(measured))
     bench("report.py", "--results", str(results), "--out", str(tmp_path / "B.md"), tiny=False)
     text = (tmp_path / "B.md").read_text()
-    assert text.count("_Not yet measured._") == 4
+    assert text.count("_Not yet measured._") == 5
     assert measured["command"] in text and "| constant |" in text
     assert f"| cpu | {result['machine']['cpu']} |" in text and "| torch |" in text
     for command in ("bench/rank_sync.py --out", "bench/accuracy_sst2.py --out", "bench/deploy_speed.py --model_path",
@@ -184,3 +184,29 @@ def test_benchmarks_step_the_job_itself(monkeypatch, tmp_path, tiny_model_dir):
     for script in BENCH.glob("*.py"):
         text = script.read_text()
         assert "fire(" not in text and "optimizer.step(" not in text and ".backward(" not in text, script.name
+
+
+def test_deploy_side_by_side(tmp_path, tiny_model_dir):
+    """--against: our export and another int8 file timed in one process at batch 1 and 32. Here the
+    other file is the same model's QDQ export, so both score the same on the dev rows."""
+    from conftest import CONSTANT_PRUNING, small_recipe
+    from distsparse.cli import main as cli
+
+    recipe = tmp_path / "qat.yaml"
+    recipe.write_text(small_recipe(CONSTANT_PRUNING, "quantization_modifiers:\n  - !QuantizationModifier\n"
+                                   "    start_epoch: 0.0\n    exclude_module_types: [LayerNorm, Tanh]\n", num_epochs=1.0))
+    run = tmp_path / "run"
+    assert cli(["train", "--model_name_or_path", str(tiny_model_dir), "--recipe", str(recipe), "--output_dir", str(run),
+                "--max_train_samples", "32", "--per_device_train_batch_size", "16", "--max_seq_length", "32",
+                "--save_strategy", "no", "--eval_strategy", "no"]) == 0
+    assert cli(["export", "--model_path", str(run), "--output_dir", str(tmp_path / "other")]) == 0
+    other, out = tmp_path / "other" / "model.onnx", tmp_path / "vs.json"
+    proc = bench("deploy_speed.py", "--against", str(other), "--model_path", str(run), "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [(r["batch"], r["seq"]) for r in result["results"]] == [(1, 64), (32, 64)]  # both files: dynamic sequence
+    assert all(r["ms_per_row"]["distsparse"] > 0 and r["ms_per_row"]["other"] > 0 and r["ratio"] > 0 for r in result["results"])
+    assert result["bytes"]["other"] == other.stat().st_size == result["bytes"]["distsparse_qdq"]
+    assert result["dev_rows"] == 200  # the bundled SST-2 sample
+    acc = result["accuracy"]
+    assert acc["distsparse"] == acc["other"] and abs(acc["distsparse"] - acc["pytorch_fake_quant"]) <= 0.005
+    assert len(result["targets"]) == 4 and "| SST-2 dev accuracy (200 rows) |" in proc.stdout

@@ -18,8 +18,8 @@ from ..errors import UserError
 from ..fake_quant import fake_quants
 from ..savedmodel import RECIPE_FILE
 from .build import EXPORT_TASKS, SAMPLE_TEXTS, export_onnx, load_trained, sample_inputs
-from .verify import (REPORT_FILE, SAMPLE_INPUTS_FILE, SAMPLE_OUTPUTS_FILE, ExportCheckError, check_export,
-                     verify_deployment)
+from .verify import (OPTIMIZED_FILE, REPORT_FILE, SAMPLE_INPUTS_FILE, SAMPLE_OUTPUTS_FILE, ExportCheckError,
+                     check_export, optimize_and_check, verify_deployment)
 
 
 def build_export_parser() -> argparse.ArgumentParser:
@@ -69,18 +69,23 @@ def export_main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     samples = sample_inputs(tokenizer, args.sequence_length)
     partial, onnx_path = out / "model.onnx.partial", out / "model.onnx"
+    optimized_partial = out / f"{OPTIMIZED_FILE}.partial"
     try:
         export_onnx(model, task, samples, partial, args.opset)
         report = check_export(partial, model, task, samples, args.atol)
+        report["optimized"] = optimize_and_check(partial, optimized_partial, {k: v.numpy() for k, v in samples.items()},
+                                                 report["reference"], report["atol"])
     except ExportCheckError:
         partial.replace(out / "model.onnx.rejected")
-        for stale in (onnx_path, out / REPORT_FILE):  # an earlier export here must not pass for this one
-            stale.unlink(missing_ok=True)
+        for stale in (onnx_path, out / OPTIMIZED_FILE, optimized_partial, out / REPORT_FILE):
+            stale.unlink(missing_ok=True)  # an earlier export here must not pass for this one
         raise
     except BaseException:
-        partial.unlink(missing_ok=True)  # an export that crashed leaves no half-written file
+        for half in (partial, optimized_partial):  # an export that crashed leaves no half-written file
+            half.unlink(missing_ok=True)
         raise
     partial.replace(onnx_path)
+    optimized_partial.replace(out / OPTIMIZED_FILE)
     return write_deployment(args, out, tokenizer, samples, report, task_name, bool(quantized))
 
 
@@ -103,8 +108,11 @@ def write_deployment(args, out: Path, tokenizer, samples, report: dict, task_nam
 
 def export_summary(report: dict, path: Path) -> str:
     kind = "int8 QDQ" if report["quantized"] else "fp32"
+    optimized = report["optimized"]
     return (f"exported {path} ({report['onnx_bytes'] / 2**20:.1f} MiB, {kind}, opset {report['opset']}, "
-            f"sha256 {report['sha256'][:12]}...)\n" + parity_summary(report))
+            f"sha256 {report['sha256'][:12]}...) and {path.parent / optimized['file']} (onnxruntime "
+            f"{optimized['onnxruntime']} {optimized['level']}, CPU, {optimized['bytes'] / 2**20:.1f} MiB, max abs diff "
+            f"{optimized['max_abs_diff']:.3g})\n" + parity_summary(report))
 
 
 def parity_summary(report: dict) -> str:

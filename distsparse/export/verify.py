@@ -14,19 +14,29 @@ The parity tolerance follows from the model (unless ``--atol`` is given):
               + 2 x (s_in x max_c sum_j |W[c, j]|  +  s_out)         two quantization levels
 
 where the output layer is the Linear whose result the model returns (classifier, qa_outputs, the
-masked-LM decoder), W its (fake-quantized) weight and s_in / s_out its activation scales (s_out
-only where its output is quantized). ``s_in x sum_j |W[c, j]|`` is how far output c moves if
+masked-LM decoder; an output may be one slice of its last axis, as QA's start and end logits), W
+its (fake-quantized) weight and s_in / s_out its activation scales (s_out only where its output
+is quantized). ``s_in x sum_j |W[c, j]|`` is how far output c moves if
 every input of the output layer moves by one quantization level: the unit in which int8 rounding
 differences reach the outputs. onnxruntime computes the same int8 model as the fake-quantized
 PyTorch one, but its float sums round differently, and its QDQ fusions (graph optimization level
 EXTENDED and up, on by default) compute in integer kernels, so activations can land levels apart.
 Measured on a 70%-sparse MiniLM after 16 steps of seed-shaped QAT (256 SST-2 rows) on an AVX2
 CPU: max diff 0.0094 with the default optimizations, 0.00043 with them off, against one level =
-0.0114; hence a margin of two levels. A model quantized everywhere except its output layer cannot
-be bounded that way; it gets 2% of the outputs' range on the samples. An fp32 model gets the
+0.0114; hence a margin of two levels. Seen since (issue 18), within one level: a tiny QA model
+trained with squad_sparse_transfer.yaml, 0.0126 against one level = 0.0172 (it had been refused
+at 0.0111 = 2% of its output range: the split start/end logits hid qa_outputs). A model quantized
+everywhere except its output layer cannot be bounded that way; it gets 2% of the outputs' range
+on the samples. An fp32 model gets the
 first term alone. A wrong graph (a lost op, a swapped input, a wrong bias) moves outputs by many
 levels and flips argmaxes: the argmax must agree wherever PyTorch's top two are over 2 x
 tolerance apart.
+
+The same samples, tolerance and argmax rule check ``model_optimized.onnx``: onnxruntime's own
+graph optimizations (ORT_ENABLE_ALL) applied to ``model.onnx`` and saved (``optimize_and_check``),
+so a CPU deployment loads the fused graph (Q/DQ folded into integer kernels such as
+MatMulIntegerToFloat, BiasGelu, FusedMatMul) as it is. It is for onnxruntime's CPU execution
+provider; ``model.onnx`` stays the portable, checked QDQ graph.
 
 Against a deployment folder alone (``verify_deployment``, ``distsparse verify``): the sha256 of
 ``model.onnx`` recorded in ``export_report.json``, the recorded sparsity of every weight, int8
@@ -55,6 +65,7 @@ UNBOUNDED_HEAD_RANGE_FRACTION = 0.02
 REPORT_FILE = "export_report.json"
 SAMPLE_INPUTS_FILE = "sample_inputs.npz"
 SAMPLE_OUTPUTS_FILE = "sample_outputs.npz"
+OPTIMIZED_FILE = "model_optimized.onnx"
 
 
 class ExportCheckError(UserError):
@@ -157,17 +168,32 @@ def check_layer_qdq(g: OnnxGraph, layer: str, activations: list[str]) -> dict[st
 
 # -- outputs ---------------------------------------------------------------------------------------
 def output_layers(model: nn.Module, task: ExportTask, samples: dict[str, torch.Tensor]) -> list[nn.Module]:
-    """The Linear layers whose results the model returns as its outputs (QA splits one in two)."""
+    """The Linear layers whose results the model returns as its outputs: an output equals the
+    layer's result, or one slice of its last axis (QA's qa_outputs, split into start and end logits
+    and copied by ``.contiguous()``, so storage identity cannot tell). Empty unless every output
+    comes from one."""
     results = []
-    hooks = [m.register_forward_hook(lambda m, i, o: results.append((m, o)))
+    hooks = [m.register_forward_hook(lambda m, i, o: results.append((m, o.detach())))
              for m in model.modules() if isinstance(m, nn.Linear)]
     try:
         outputs = model_outputs(model, task, samples)
     finally:
         for h in hooks:
             h.remove()
-    storages = {o.untyped_storage().data_ptr() for o in outputs.values()}
-    return [m for m, o in results if o.untyped_storage().data_ptr() in storages]
+
+    def produces(o: torch.Tensor, out: torch.Tensor) -> bool:
+        if o.shape == out.shape:
+            return torch.equal(o, out)
+        return o.shape[:-1] == out.shape and any(torch.equal(o[..., j], out) for j in range(o.shape[-1]))
+
+    found = []
+    for out in outputs.values():
+        layer = next((m for m, o in reversed(results) if produces(o, out)), None)
+        if layer is None:
+            return []
+        if layer not in found:
+            found.append(layer)
+    return found
 
 
 def parity_tolerance(model: nn.Module, task: ExportTask, samples: dict[str, torch.Tensor],
@@ -251,4 +277,25 @@ def verify_deployment(folder: Path) -> dict:
     with np.load(folder / SAMPLE_INPUTS_FILE) as inputs, np.load(folder / SAMPLE_OUTPUTS_FILE) as outputs:
         feed, reference = dict(inputs), {name: outputs[name] for name in task.output_names}
     figures = compare_outputs(run_onnx(onnx_path, feed, task.output_names), reference, report["atol"])
+    optimized = report.get("optimized")
+    if optimized:
+        path = folder / optimized["file"]
+        if not path.is_file() or sha256(path) != optimized["sha256"]:
+            raise ExportCheckError(f"{path}: missing or changed after export (sha256 differs from {REPORT_FILE})")
+        compare_outputs(run_onnx(path, feed, task.output_names), reference, report["atol"])
     return {**report, **figures}
+
+
+def optimize_and_check(path: Path, out: Path, feed: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                       atol: float) -> dict:
+    """Save onnxruntime's ORT_ENABLE_ALL graph of ``path`` as ``out`` and check it like ``path``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(out)
+    options.log_severity_level = 3  # its note that an ENABLE_ALL graph is for this execution provider: said above
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    figures = compare_outputs(run_onnx(out, feed, list(reference)), reference, atol)
+    return {"file": OPTIMIZED_FILE, "level": "ORT_ENABLE_ALL", "onnxruntime": ort.__version__,
+            "bytes": out.stat().st_size, "sha256": sha256(out), "max_abs_diff": figures["max_abs_diff"]}

@@ -63,6 +63,30 @@ def test_untouched_deployment_verifies(deployed, capfd):
     assert err == ""
 
 
+def test_optimized_graph_is_saved_fused_and_checked(deployed):
+    """model_optimized.onnx: onnxruntime's ORT_ENABLE_ALL graph, Q/DQ folded into integer kernels
+    (every quantized encoder Linear a MatMulIntegerToFloat), within the tolerance, hash recorded."""
+    _, deploy = deployed
+    report = json.loads((deploy / "export_report.json").read_text())
+    optimized = report["optimized"]
+    path = deploy / "model_optimized.onnx"
+    assert optimized["file"] == path.name and optimized["level"] == "ORT_ENABLE_ALL"
+    assert optimized["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert optimized["bytes"] == path.stat().st_size
+    assert 0 <= optimized["max_abs_diff"] <= report["atol"]
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    # 2 layers x (Q, K, V, attention output, FFN in, FFN out), the pooler and the classifier
+    assert ops.count("MatMulIntegerToFloat") == 2 * 6 + 2
+
+
+def test_changed_optimized_graph_is_refused(deployed, tmp_path, capfd):
+    folder = copy_of(deployed[1], tmp_path)
+    data = bytearray((folder / "model_optimized.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "model_optimized.onnx").write_bytes(bytes(data))
+    assert "model_optimized.onnx: missing or changed after export" in refused(folder, capfd)
+
+
 def test_flipped_bytes_are_refused(deployed, tmp_path, capfd):
     folder = copy_of(deployed[1], tmp_path)
     data = bytearray((folder / "model.onnx").read_bytes())
@@ -142,4 +166,5 @@ def test_rejected_reexport_removes_the_earlier_model(deployed, tmp_path, capfd, 
     assert cli(["export", "--model_path", str(trained), "--output_dir", str(folder), "--sequence_length", "24"]) == 2
     assert (folder / "model.onnx.rejected").is_file()
     assert not (folder / "model.onnx").exists() and not (folder / "export_report.json").exists()
+    assert not (folder / "model_optimized.onnx").exists()
     assert "export_report.json: missing" in refused(folder, capfd)
