@@ -1,13 +1,15 @@
 """Every oBERT recipe of neuralmagic/sparseml (tests/fixtures/sparseml_recipes) starts training on the task it
-targets and its modifiers act: the LR schedule sets the recipe's init_lr, OBS prunes to its init_sparsity at its
-first pruning step (block4: whole blocks of 4), ConstantPruning keeps the model's zeros, and distillation with the
-recipe's hardness 1.0 makes the loss the KD loss alone.
+targets (SQuAD -> question-answering, MNLI/QQP -> text-classification, MLM -> masked-lm, each on its fixture)
+and its modifiers act: the LR schedule sets the recipe's init_lr, OBS prunes to its init_sparsity at its first
+pruning step (block4: whole blocks of 4), ConstantPruning keeps the model's zeros, and distillation with the
+recipes' hardness 1.0 makes the loss the KD loss alone.
 
-``--max_steps`` stops each run one step after the first pruning step (epoch 2 of the 30-epoch recipes, step 0 of
-the MLM ones): the schedule keeps the recipe's epochs, only the run is short. One value is changed: OBS's
-``num_grads`` 1024 becomes 16 (a Fisher from 1024 mini-batches takes minutes on a CPU; the code path is the same). A tiny BERT of width 40 (weights of
-40 x 40 and 40 x 80, which the recipes' Fisher blocks of 50 and 32 divide) trains on each task's fixture; its
-head (QA, MLM, classification) is built by the job, and the teacher is another tiny BERT so that KD is not zero.
+``--max_steps`` stops each run one step after the first pruning step (epoch 2 of the 30-epoch recipes, step 0
+of the MLM ones): the schedule keeps the recipe's epochs, only the run is short. One value is changed: OBS's
+``num_grads`` 1024 becomes 16 (a Fisher from 1024 mini-batches takes minutes on a CPU; the code path is the
+same). The student is a tiny BERT of width 40 (weights of 40 x 40 and 40 x 80, which the recipes' Fisher
+blocks of 50 and 32 divide) whose task head the job builds; the teacher is another tiny BERT (encoder only,
+so each task gives it a head) and KD is never zero.
 """
 from __future__ import annotations
 
