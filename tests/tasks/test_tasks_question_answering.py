@@ -284,7 +284,8 @@ def test_minilm_learns_squad_on_four_articles(tmp_path):
     2-core machine shared with 4 other jobs): F1 14.6, EM 8.1 on Victoria; train loss (mean of start and
     end cross-entropy) 5.08 over steps 1-5, 3.48 over steps 41-43. An untrained (random) QA head on the
     same windows, scored by the same evaluation: F1 5.8, EM 0.0. Floor: F1 10, between the two.
-    all-MiniLM-L6-v2 is a sentence-embedding model; learning SQuAD properly takes more steps than a test.
+    Batches of 8 (86 steps, same epoch) did worse: F1 11.0, EM 3.2. all-MiniLM-L6-v2 is a sentence-embedding
+    model; learning SQuAD properly takes more steps than a test.
     """
     titles = ["Normans", "Computational_complexity_theory", "Southern_California", "Sky_(United_Kingdom)"]
     train_file = answerable_jsonl(tmp_path / "train.jsonl", SQUAD_DEV, titles)
