@@ -280,8 +280,8 @@ def test_minilm_learns_squad_on_four_articles(tmp_path):
     """MiniLM fine-tuned on the 581 answerable questions of 4 SQuAD 2.0 articles answers the fifth's
     (Victoria, 124 answerable questions), 192-token windows (doc_stride 64: most contexts fit one).
 
-    Measured (1 epoch: 43 steps of 16, LR 3e-4 after a 4-step warmup, decaying to 0; 26 minutes on a
-    2-core machine shared with 4 other jobs): F1 14.6, EM 8.1 on Victoria; train loss (mean of start and
+    Measured (1 epoch: 43 steps of 16, LR 3e-4 after a 4-step warmup, decaying to 0; 8 minutes on a
+    2-core machine shared with other jobs): F1 14.6, EM 8.1 on Victoria; train loss (mean of start and
     end cross-entropy) 5.08 over steps 1-5, 3.48 over steps 41-43. An untrained (random) QA head on the
     same windows, scored by the same evaluation: F1 5.8, EM 0.0. Floor: F1 10, between the two.
     Batches of 8 (86 steps, same epoch) did worse: F1 11.0, EM 3.2. all-MiniLM-L6-v2 is a sentence-embedding
