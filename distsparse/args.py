@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:  # long: one line per flag, group
     g.add_argument("--learning_rate", type=float, default=5e-5, help="used when the recipe sets no LR")
     g.add_argument("--weight_decay", type=float, default=0.0, help="used when the recipe sets no weight decay")
     g.add_argument("--num_train_epochs", type=float, default=3.0, help="used when the recipe has no epoch range")
+    g.add_argument("--max_steps", type=int, default=-1, help="stop after at most this many optimizer steps (a smoke run "
+                   "of a long recipe); the recipe's schedule keeps its epochs, so later modifiers never act")
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)

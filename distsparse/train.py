@@ -127,6 +127,8 @@ def setup(args: argparse.Namespace) -> Run:
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(task.train) / global_batch)
     total_steps = math.ceil((recipe.num_epochs or args.num_train_epochs) * steps_per_epoch)
+    if args.max_steps > 0:  # HF's --max_steps cuts the run short; it does not rescale the recipe
+        total_steps = min(total_steps, args.max_steps)
 
     state = State(model=model, steps_per_epoch=steps_per_epoch, accelerator=accelerator)
     state.grad_batches = grad_batches_for(task.train, task.collator, args.seed, accelerator.device, state)

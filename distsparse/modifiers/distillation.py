@@ -10,6 +10,9 @@ from ..events import Event, State
 from .base import Modifier, register
 
 TARGETS = ("labels", "start_positions", "end_positions")  # what the task loss needs; the teacher is not given them
+# Hugging Face outputs that are features, not logits: a softmax KD over them means nothing. No oBERT
+# recipe asks for them; SparseML distills features with PerLayerDistillationModifier (not supported).
+FEATURE_KEYS = ("hidden_states", "attentions")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
@@ -94,5 +97,10 @@ class DistillationModifier(Modifier):
             self.distill_output_keys = [self.distill_output_keys]
         if not self.distill_output_keys:  # SparseML: "all outputs", which for HF models includes the loss
             self.distill_output_keys = ["logits"]
+        for key in self.distill_output_keys:
+            if key in FEATURE_KEYS:
+                self.fail("distill_output_keys", f"{key!r} is not supported: KD here is over logits; hidden-state "
+                                                 "distillation (SparseML's PerLayerDistillationModifier) is not, "
+                                                 "and no oBERT recipe asks for it")
         if isinstance(self.teacher_input_keys, str):
             self.teacher_input_keys = [self.teacher_input_keys]

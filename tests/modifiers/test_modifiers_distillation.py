@@ -151,6 +151,19 @@ def test_validate_refuses_bad_values(kw, key):
         kd(**kw)
 
 
+@pytest.mark.parametrize("key", ["hidden_states", "attentions"])
+def test_feature_keys_are_refused_in_one_line(key):
+    """No oBERT recipe distills hidden states (they all name logits or start/end logits): refused when read."""
+    from distsparse.recipe import load_recipe
+
+    text = f"modifiers:\n  - !DistillationModifier\n    distill_output_keys: [logits, {key}]\n"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(text)
+    assert str(err.value) == (f"<string>:2 DistillationModifier: distill_output_keys: {key!r} is not supported: KD here "
+                              "is over logits; hidden-state distillation (SparseML's PerLayerDistillationModifier) "
+                              "is not, and no oBERT recipe asks for it")
+
+
 def test_defaults_and_timeline():
     m = kd(distill_output_keys=None, teacher_input_keys="input_ids")
     assert m.distill_output_keys == ["logits"] and m.teacher_input_keys == ["input_ids"]

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, SHARED, minilm_dir, small_recipe
+from conftest import ROOT, SHARED, free_port, minilm_dir, requires_shared, small_recipe
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -153,6 +153,25 @@ def test_windows_hold_the_answers(tokenizer):
     assert all(len(f["input_ids"]) == 48 for f in task.eval)  # padded: logits concatenate across batches
 
 
+def test_logits_at_the_labelled_tokens_score_100(tokenizer):
+    """Post-processing inverts the labelling: logits that peak at each training window's start/end tokens
+    give back every first answer's text (EM 100 on the 10 answerable questions, windows of long contexts
+    included); the unanswerable ones peak at [CLS] and, in SQuAD 2.0 mode, are answered with nothing."""
+    task = qa_task(tokenizer, "--train_file", str(FIXTURE), "--validation_file", str(FIXTURE),
+                   "--version_2_with_negative")
+    starts, ends = np.array(task.train["start_positions"]), np.array(task.train["end_positions"])
+    assert len(starts) == len(task.features.example_index) and (starts > 0).sum() < len(starts)  # some windows miss
+    start_logits, end_logits = np.zeros((len(starts), 48)), np.zeros((len(starts), 48))
+    start_logits[np.arange(len(starts)), starts] = 10.0
+    end_logits[np.arange(len(starts)), ends] = 10.0
+    texts = best_answers(list(task.examples["context"]), task.features, start_logits, end_logits,
+                         version_2_with_negative=True)
+    firsts = [a["text"][0] if a["text"] else "" for a in task.examples["answers"]]
+    assert texts == firsts
+    references = {qid: a["text"] for qid, a in zip(task.examples["id"], task.examples["answers"])}
+    assert squad_scores(dict(zip(task.examples["id"], texts)), references)["exact_match"] == 100.0
+
+
 def write_squad(path, context, question, text, start):
     doc = {"data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
         {"id": "bad-1", "question": question, "answers": [{"text": text, "answer_start": start}]}]}]}]}
@@ -224,7 +243,7 @@ def test_two_ranks_score_each_question_once(tmp_path, tiny_model_dir):
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
                OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch_configs" / "cpu_2proc.yaml"),
-           "--num_processes", "2", "--main_process_port", "0", "-m", "distsparse.train",
+           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "distsparse.train",
            *qa_job_args(tmp_path, tiny_model_dir, "two", "--per_device_train_batch_size", "4", init_lr=0.0)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -233,24 +252,52 @@ def test_two_ranks_score_each_question_once(tmp_path, tiny_model_dir):
     assert two == pytest.approx(one, abs=1e-6)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared (real data)")
-def test_minilm_learns_squad_on_four_articles(tmp_path):
-    """MiniLM fine-tuned on answerable questions of 4 SQuAD articles answers the fifth's (Victoria).
+# One epoch: warm up over its first tenth (the fresh QA head's first gradients are large), then decay to 0.
+QA_SCHEDULE = """
+version: 1.1.0
+training_modifiers:
+  - !EpochRangeModifier
+    start_epoch: 0.0
+    end_epoch: 1.0
+  - !LearningRateFunctionModifier
+    start_epoch: 0.0
+    end_epoch: 0.1
+    lr_func: linear
+    init_lr: 0.0
+    final_lr: 3.0e-4
+  - !LearningRateFunctionModifier
+    start_epoch: 0.1
+    end_epoch: 1.0
+    lr_func: linear
+    init_lr: 3.0e-4
+    final_lr: 0.0
+"""
 
-    Kept short for a 2-core CPU (45 minutes here): the first 192 of the 4 articles' 581 answerable
-    questions, 2 epochs of 22 steps. Measured here: F1 8.1 (EM 3.2) after epoch 2, 8.2 after epoch 1; an
-    untrained head on the same questions: F1 5.3 (EM 0.0, with 256-token windows). The floor sits between.
-    A run long enough to learn SQuAD properly (all questions, 384 tokens, several epochs) needs a GPU.
+
+@pytest.mark.slow
+@requires_shared
+def test_minilm_learns_squad_on_four_articles(tmp_path):
+    """MiniLM fine-tuned on the 581 answerable questions of 4 SQuAD 2.0 articles answers the fifth's
+    (Victoria, 124 answerable questions), 192-token windows (doc_stride 64: most contexts fit one).
+
+    Measured (1 epoch: 43 steps of 16, LR 3e-4 after a 4-step warmup, decaying to 0; 8 minutes on a
+    2-core machine shared with other jobs): F1 14.6, EM 8.1 on Victoria; train loss (mean of start and
+    end cross-entropy) 5.08 over steps 1-5, 3.48 over steps 41-43. An untrained (random) QA head on the
+    same windows, scored by the same evaluation: F1 5.8, EM 0.0. Floor: F1 10, between the two.
+    Batches of 8 (86 steps, same epoch) did worse: F1 11.0, EM 3.2. all-MiniLM-L6-v2 is a sentence-embedding
+    model; learning SQuAD properly takes more steps than a test.
     """
     titles = ["Normans", "Computational_complexity_theory", "Southern_California", "Sky_(United_Kingdom)"]
     train_file = answerable_jsonl(tmp_path / "train.jsonl", SQUAD_DEV, titles)
     eval_file = answerable_jsonl(tmp_path / "eval.jsonl", SQUAD_DEV, ["Victoria_(Australia)"])
-    (tmp_path / "recipe.yaml").write_text(small_recipe(num_epochs=2.0, init_lr=3e-4))
+    (tmp_path / "recipe.yaml").write_text(QA_SCHEDULE)
     argv = ["--task", "question-answering", "--model_name_or_path", str(minilm_dir()),
-            "--recipe", str(tmp_path / "recipe.yaml"), "--train_file", str(train_file), "--max_train_samples", "192",
-            "--validation_file", str(eval_file), "--max_seq_length", "128", "--doc_stride", "48",
-            "--per_device_train_batch_size", "16", "--save_strategy", "no", "--output_dir", str(tmp_path / "out")]
+            "--recipe", str(tmp_path / "recipe.yaml"), "--train_file", str(train_file),
+            "--validation_file", str(eval_file), "--max_seq_length", "192", "--doc_stride", "64",
+            "--per_device_train_batch_size", "16", "--logging_steps", "5", "--seed", "0", "--save_strategy", "no",
+            "--output_dir", str(tmp_path / "out")]
     assert train(argv) == 0
-    metrics = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["metrics"]
-    assert metrics["eval/f1"] > 6.5, metrics
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    losses = [row["train/loss"] for row in state["log_history"] if "train/loss" in row]
+    assert losses[-1] < 0.8 * losses[0], losses  # the loss really falls (measured: 5.08 -> 3.48)
+    assert state["metrics"]["eval/f1"] > 10.0 and state["metrics"]["eval/exact_match"] > 4.0, state["metrics"]
