@@ -72,7 +72,9 @@ class _RoundToScale(torch.autograd.Function):
 
 class _FakeQuantize(torch.autograd.Function):
     """(clamp(round(x / s) + z, min, max) - z) * s, computed as clamp(round(x / s), min - z, max - z) * s:
-    the same floats (small integers are exact), two passes over x fewer."""
+    the same floats (small integers are exact), two passes over x fewer. The straight-through mask
+    is kept as 0/1 floats: ``grad * mask`` is a plain vectorized multiply, where ``torch.where`` on
+    a bool mask (or a float times bool) runs several times slower on CPU."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max):
@@ -83,13 +85,13 @@ class _FakeQuantize(torch.autograd.Function):
             z = int(zero_point.reshape(-1)[0])
             low, high = quant_min - z, quant_max - z
         clamped = q.clamp(low, high)
-        ctx.save_for_backward(clamped == q)
+        ctx.save_for_backward(torch.eq(clamped, q, out=q))  # q's memory becomes the mask
         return clamped.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
-        return torch.where(inside, grad, 0.0), None, None, None, None
+        return grad * inside, None, None, None, None
 
 
 class FakeQuant(nn.Module):
