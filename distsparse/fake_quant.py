@@ -70,47 +70,28 @@ class _RoundToScale(torch.autograd.Function):
         return grad, None
 
 
-CHUNK = 1 << 17  # elements (512 KiB of float32): a chunk's passes stay in a core's L2 cache
-
-
 class _FakeQuantize(torch.autograd.Function):
     """(clamp(round(x / s) + z, min, max) - z) * s, computed as clamp(round(x / s), min - z, max - z) * s:
     the same floats (small integers are exact), two passes over x fewer. The straight-through mask
     is kept as 0/1 floats: ``grad * mask`` is a plain vectorized multiply, where ``torch.where`` on
-    a bool mask (or a float times bool) runs several times slower on CPU. Tensors larger than the
-    caches (MiniLM's 2048 x 1536 FFN activations) go through in chunks, so the five passes read
-    main memory once instead of five times."""
+    a bool mask (or a float times bool) runs several times slower on CPU."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max):
+        q = torch.mul(x, torch.reciprocal(scale)).round_()
         if zero_point.numel() > 1 and zero_point.any():
             low, high = quant_min - zero_point, quant_max - zero_point
         else:  # one zero point (activations) or all zero (weights): plain numbers clamp fastest
             z = int(zero_point.reshape(-1)[0])
             low, high = quant_min - z, quant_max - z
-        inverse = torch.reciprocal(scale)
-        out = torch.empty(x.shape, dtype=torch.result_type(x, scale), device=x.device)
-        mask = torch.empty_like(out)
-        if scale.numel() == 1 and x.is_contiguous() and x.numel() >= 8 * CHUNK:
-            for part, o, m in zip(x.view(-1).split(CHUNK), out.view(-1).split(CHUNK), mask.view(-1).split(CHUNK)):
-                _fake_quantize_into(part, inverse, scale, low, high, o, m)
-        else:
-            _fake_quantize_into(x, inverse, scale, low, high, out, mask)
-        ctx.save_for_backward(mask)
-        return out
+        clamped = q.clamp(low, high)
+        ctx.save_for_backward(torch.eq(clamped, q, out=q))  # q's memory becomes the mask
+        return clamped.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
         return grad * inside, None, None, None, None
-
-
-def _fake_quantize_into(x, inverse, scale, low, high, out, mask) -> None:
-    """``out`` = fake-quantized ``x``, ``mask`` = 1 where nothing clipped (0 elsewhere)."""
-    torch.mul(x, inverse, out=mask).round_()
-    torch.clamp(mask, low, high, out=out)
-    torch.eq(out, mask, out=mask)
-    out.mul_(scale)
 
 
 class FakeQuant(nn.Module):

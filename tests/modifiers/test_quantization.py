@@ -91,11 +91,10 @@ def test_activation_fake_quant_is_asymmetric_per_tensor_uint8():
     assert torch.round(small(x) / small.scale + small.zero_point).max() <= 127
 
 
-@pytest.mark.parametrize("axis, zero_points, rows", [(None, None, 64), (0, "zero", 64), (0, "random", 64),
-                                                     (None, None, 22000)])  # over 2^20 elements: in chunks
-def test_cpu_fake_quantize_is_bitwise_torchs_op_with_the_same_gradient(axis, zero_points, rows):
+@pytest.mark.parametrize("axis, zero_points", [(None, None), (0, "zero"), (0, "random")])
+def test_cpu_fake_quantize_is_bitwise_torchs_op_with_the_same_gradient(axis, zero_points):
     """The CPU fast path must be the op that ONNX export and GPUs use, to the bit."""
-    x = (torch.randn(rows, 48) * 3).requires_grad_()
+    x = (torch.randn(64, 48) * 3).requires_grad_()
     if axis is None:
         scale, zero_point, qmin, qmax = torch.tensor(0.013), torch.tensor(101, dtype=torch.int32), 0, 255
         reference = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
@@ -103,7 +102,7 @@ def test_cpu_fake_quantize_is_bitwise_torchs_op_with_the_same_gradient(axis, zer
         scale, qmin, qmax = torch.rand(64) * 0.02 + 1e-3, -128, 127
         zero_point = (torch.zeros(64) if zero_points == "zero" else torch.randint(-20, 20, (64,))).int()
         reference = torch.fake_quantize_per_channel_affine(x, scale, zero_point, 0, qmin, qmax)
-    grad = torch.randn(rows, 48)
+    grad = torch.randn(64, 48)
     (expected,) = torch.autograd.grad(reference, x, grad)
     out = fake_quantize(x, scale, zero_point, qmin, qmax, axis)
     (got,) = torch.autograd.grad(out, x, grad)
