@@ -50,7 +50,7 @@ distillation_modifiers:
 """
 VARIANTS = {  # name: (recipe, what it measures, target ratio as text or None)
     "plain": ("", "AdamW step, no modifiers", None),
-    "constant": (CONSTANT, "ConstantPruningModifier (encoder linears), masks on grads and weights", 1.03),
+    "constant": (CONSTANT, "ConstantPruningModifier (encoder linears), masks on grads (AdamW: weights and moments at mask changes)", 1.03),
     "gmp_update": (GMP_UPDATE, "GMPruningModifier, a mask-update step (magnitude sort of all encoder linears)", None),
     "qat": (QAT, "constant pruning + QuantizationModifier (observers on, activations fake-quantized)", 1.15),
     "distill": (DISTILL, "DistillationModifier, hardness 1 (teacher: a frozen copy of the model)", "1 + teacher share"),

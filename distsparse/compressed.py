@@ -48,7 +48,8 @@ def _weight_scale(fq: WeightFakeQuant, weight: torch.Tensor) -> torch.Tensor:
 
 def _activation_tensors(prefix: str, fq: ActivationFakeQuant) -> dict[str, torch.Tensor]:
     shift = (fq.quant_max + 1) // 2  # unsigned 0..2^b-1 -> signed -2^(b-1)..2^(b-1)-1
-    return {f"{prefix}_scale": fq.scale.detach().float().reshape(1),
+    # a copy per layer: Q, K and V share one quantizer, and safetensors refuses one tensor under three names
+    return {f"{prefix}_scale": fq.scale.detach().float().reshape(1).clone(),
             f"{prefix}_zero_point": (fq.zero_point.detach().reshape(1) - shift).to(torch.int8)}
 
 

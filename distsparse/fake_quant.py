@@ -22,6 +22,8 @@ Buffers are registered with ``persistent=False``: the HF weights file stays clea
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,12 +35,15 @@ EPS = torch.finfo(torch.float32).eps
 AVERAGING_CONSTANT = 0.01  # torch.ao.quantization.MovingAverageMinMaxObserver's default
 
 
-def fake_quantize(x, scale, zero_point, quant_min: int, quant_max: int, axis: int | None = None):
+def fake_quantize(x, scale, zero_point, quant_min: int, quant_max: int, axis: int | None = None,
+                  clips: bool = True):
     """torch.fake_quantize_per_{tensor,channel}_affine: same numbers, same straight-through gradient.
 
     torch's ops are what ONNX export turns into QuantizeLinear/DequantizeLinear, and one fused kernel
     on GPU; on CPU they are about 4x slower than plain tensor arithmetic, so CPU training computes
-    the same formula itself (tests check it is bitwise equal to torch's).
+    the same formula itself (tests check it is bitwise equal to torch's). ``clips=False`` promises
+    that no value leaves the range (a weight's scale taken from that weight's absmax, zero point 0):
+    CPU then skips the clamp and the straight-through mask, which would be all ones.
     """
     if x.device.type != "cpu" or torch.onnx.is_in_onnx_export():
         if axis is None:
@@ -48,12 +53,28 @@ def fake_quantize(x, scale, zero_point, quant_min: int, quant_max: int, axis: in
         shape = [1] * x.dim()
         shape[axis] = -1
         scale, zero_point = scale.view(shape), zero_point.view(shape)
+    if not clips:
+        return _RoundToScale.apply(x, scale)
     return _FakeQuantize.apply(x, scale, zero_point, quant_min, quant_max)
+
+
+class _RoundToScale(torch.autograd.Function):
+    """round(x / s) * s with the identity as gradient: ``_FakeQuantize`` where nothing clips."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        return torch.mul(x, torch.reciprocal(scale)).round_().mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 class _FakeQuantize(torch.autograd.Function):
     """(clamp(round(x / s) + z, min, max) - z) * s, computed as clamp(round(x / s), min - z, max - z) * s:
-    the same floats (small integers are exact), two passes over x fewer."""
+    the same floats (small integers are exact), two passes over x fewer. The straight-through mask
+    is kept as 0/1 floats: ``grad * mask`` is a plain vectorized multiply, where ``torch.where`` on
+    a bool mask (or a float times bool) runs several times slower on CPU."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max):
@@ -64,13 +85,13 @@ class _FakeQuantize(torch.autograd.Function):
             z = int(zero_point.reshape(-1)[0])
             low, high = quant_min - z, quant_max - z
         clamped = q.clamp(low, high)
-        ctx.save_for_backward(clamped == q)
+        ctx.save_for_backward(torch.eq(clamped, q, out=q))  # q's memory becomes the mask
         return clamped.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
-        return torch.where(inside, grad, 0.0), None, None, None, None
+        return grad * inside, None, None, None, None
 
 
 class FakeQuant(nn.Module):
@@ -84,7 +105,9 @@ class FakeQuant(nn.Module):
 
 
 class WeightFakeQuant(FakeQuant):
-    """Symmetric per-output-channel int8; while observing, the scale follows the current weight."""
+    """Symmetric per-output-channel int8; while observing, the scale follows the current weight, so
+    nothing clips: |w| x (127 / absmax) stays within 127 (x (1 + a few float32 ulps)), rounds into
+    -127..127, and the straight-through gradient is the identity."""
 
     def __init__(self, channels: int, bits: int = 8, device=None):
         super().__init__()
@@ -97,14 +120,15 @@ class WeightFakeQuant(FakeQuant):
         if not self.enabled:
             return weight
         self.observe_(weight)
-        return fake_quantize(weight, self.scale, self.zero_point, self.quant_min, self.quant_max, axis=0)
+        return fake_quantize(weight, self.scale, self.zero_point, self.quant_min, self.quant_max, axis=0,
+                             clips=not self.observe)
 
     def rows(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``forward(weight)[index]`` given ``rows = weight[index]``: an embedding's looked-up rows
         cost a few thousand elements instead of the whole vocabulary table."""
         flat = index.reshape(-1)
         out = fake_quantize(rows.reshape(flat.numel(), -1), self.scale[flat], self.zero_point[flat],
-                            self.quant_min, self.quant_max, axis=0)
+                            self.quant_min, self.quant_max, axis=0, clips=not self.observe)
         return out.view_as(rows)
 
     def observe_(self, weight: torch.Tensor) -> None:
@@ -128,15 +152,26 @@ class ActivationFakeQuant(FakeQuant):
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32, device=device),
                              persistent=False)
 
+        self._last = None  # (weakref to the input, what else decided the output, weakref to it)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Called again on the very same tensor in the same state (one quantizer shared by Q, K and V),
+        it returns its last output: one observation, one fake-quant, one Q/DQ pair in ONNX."""
+        key = None if x.is_inference() else (x._version, self.enabled, self.observe, self.training,
+                                              torch.is_grad_enabled(), self.scale._version, self.zero_point._version)
+        if key is not None and self._last is not None and self._last[0]() is x and self._last[1] == key:
+            y = self._last[2]()
+            if y is not None:
+                return y
         if self.observe and self.training:
             with torch.no_grad():
                 low, high = torch.aminmax(x.detach())
                 torch.minimum(self.pending_min, low, out=self.pending_min)
                 torch.maximum(self.pending_max, high, out=self.pending_max)
-        if not self.enabled:
-            return x
-        return fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+        y = fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max) if self.enabled else x
+        if key is not None:
+            self._last = (weakref.ref(x), key, weakref.ref(y))
+        return y
 
 
 class QuantLinear(nn.Linear):
@@ -183,8 +218,44 @@ def to_quant_(module: nn.Module, weight_bits: int = 8, activation_bits: int = 8,
     return module
 
 
+# Sibling Linears that read one tensor: their input quantizer is shared (BERT/RoBERTa, DistilBERT, others).
+QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
+
+
+def share_qkv_input_quant_(model: nn.Module) -> dict[str, str]:
+    """Give the key and value projections the query's input quantizer: they read the same tensor, so
+    one observer, one fake-quant and one Q/DQ pair serve all three (the numbers three separate ones
+    compute, as they observe the same values). In cross-attention the query reads other states:
+    there key and value share theirs. Returns {layer: the layer whose input quantizer it uses}."""
+    shared = {}
+    for name, parent in model.named_modules():
+        cross = getattr(parent, "is_cross_attention", False) or "CrossAttention" in type(parent).__name__
+        for names in QKV_NAMES:
+            layers = [(n, getattr(parent, n, None)) for n in names[int(bool(cross)):]]
+            if not all(isinstance(m, QuantLinear) for _, m in layers):
+                continue
+            (first, head), *rest = layers
+            for key, layer in rest:
+                if layer.in_features == head.in_features and isinstance(layer.input_quant, ActivationFakeQuant):
+                    layer.input_quant = head.input_quant
+                    shared[f"{name}.{key}" if name else key] = f"{name}.{first}" if name else first
+    return shared
+
+
 def fake_quants(model: nn.Module) -> list[tuple[str, FakeQuant]]:
+    """Every fake-quant module once, under its first name (a shared one has several)."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, FakeQuant)]
+
+
+def quant_aliases(model: nn.Module) -> dict[str, str]:
+    """{a shared fake-quant module's other names: the name ``fake_quants`` gives it}."""
+    first, aliases = {}, {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, FakeQuant):
+            first.setdefault(id(m), name)
+            if first[id(m)] != name:
+                aliases[name] = first[id(m)]
+    return aliases
 
 
 def update_observers_(observers: list[ActivationFakeQuant],
@@ -256,12 +327,22 @@ def named_quant_state(named: list[tuple[str, FakeQuant]]) -> dict[str, torch.Ten
 
 
 def load_quant_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str = "quantization state") -> None:
-    load_named_quant_state(fake_quants(model), tensors, where)
+    load_named_quant_state(fake_quants(model), tensors, where, quant_aliases(model))
 
 
 def load_named_quant_state(named: list[tuple[str, FakeQuant]], tensors: dict[str, torch.Tensor],
-                           where: str = "quantization state") -> None:
-    """Restore buffers and flags exactly; keys must match the model's fake-quant modules one to one."""
+                           where: str = "quantization state", aliases: dict[str, str] | None = None) -> None:
+    """Restore buffers and flags exactly; keys must match the model's fake-quant modules one to one.
+
+    Files written before Q, K and V shared one input quantizer hold it three times (``aliases``
+    names the copies): accepted where the copies equal the shared one, as they always did.
+    """
+    tensors = dict(tensors)
+    for key in [k for k in tensors if k.rpartition(".")[0] in (aliases or {})]:
+        module, _, leaf = key.rpartition(".")
+        primary = f"{aliases[module]}.{leaf}"
+        if primary in tensors and not torch.equal(tensors.pop(key), tensors[primary]):
+            raise UserError(f"{where}: {key} differs from {primary}, whose quantizer it shares")
     expected = named_quant_state(named)
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())

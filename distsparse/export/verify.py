@@ -4,7 +4,7 @@ Against the PyTorch model it came from (``check_export``, at export time):
 - every Linear/Embedding weight in the file equals the weight the model computes with (its
   fake-quantized value for quantized layers), with the same zeros: sparsity is kept;
 - every layer the model quantized has its int8 weight and, with the trained scales, Q/DQ on its
-  activations;
+  activations; layers sharing one input quantizer (Q, K and V) read one Q/DQ pair;
 - onnxruntime's outputs on the sample inputs match PyTorch's within the parity tolerance, and
   their argmax agrees wherever PyTorch's top two are more than 2 x tolerance apart.
 
@@ -40,7 +40,7 @@ provider; ``model.onnx`` stays the portable, checked QDQ graph.
 
 Against a deployment folder alone (``verify_deployment``, ``distsparse verify``): the sha256 of
 ``model.onnx`` recorded in ``export_report.json``, the recorded sparsity of every weight, int8
-weights and Q/DQ pairs for every recorded quantized layer, and onnxruntime on the stored sample
+weights and Q/DQ pairs for every recorded quantized layer (shared ones shared), and onnxruntime on the stored sample
 inputs against the stored PyTorch outputs with the recorded tolerance.
 """
 from __future__ import annotations
@@ -80,7 +80,8 @@ def check_export(path: Path, model: nn.Module, task: ExportTask, samples: dict[s
     """
     model.eval()
     g = OnnxGraph(onnx.load(str(path)))
-    report = {"sparsity": check_weights(g, model), "quantized_layers": check_qdq(g, model)}
+    layers, shared = check_qdq(g, model)
+    report = {"sparsity": check_weights(g, model), "quantized_layers": layers, "shared_input_qdq": shared}
     reference = {k: v.numpy() for k, v in model_outputs(model, task, samples).items()}
     tolerance = parity_tolerance(model, task, samples, reference)
     if atol is not None:
@@ -129,27 +130,34 @@ def check_weights(g: OnnxGraph, model: nn.Module) -> dict:
     return {"overall": round(zeros / max(total, 1), 6), **sparsity}
 
 
-def check_qdq(g: OnnxGraph, model: nn.Module) -> dict[str, list[str]]:
+def check_qdq(g: OnnxGraph, model: nn.Module) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Every layer quantized in PyTorch is quantized in the file, with the same scales: its weight
     is int8, and the op using it reads (and, where asked, writes) activations through
-    QuantizeLinear/DequantizeLinear. Returns {layer: its quantized activations ("input", "output")}."""
-    layers = {}
+    QuantizeLinear/DequantizeLinear. Layers sharing one input quantizer (Q, K and V) read one
+    Q/DQ pair. Returns {layer: its quantized activations ("input", "output")} and {layer: the
+    layer whose input Q/DQ it reads}."""
+    layers, first, shared = {}, {}, {}
     for name, module in weight_layers(model):
         if not isinstance(module, (QuantLinear, QuantEmbedding)) or not module.weight_quant.enabled:
             continue
         activations = {"input": getattr(module, "input_quant", None), "output": module.output_quant}
         layers[name] = [k for k, fq in activations.items() if isinstance(fq, ActivationFakeQuant) and fq.enabled]
-        for where, (scale, zero_point) in check_layer_qdq(g, name, layers[name]).items():
+        for where, (scale, zero_point, _) in check_layer_qdq(g, name, layers[name]).items():
             fq = activations[where]
             if not (np.allclose(scale, fq.scale.numpy(), rtol=1e-6, atol=0)
                     and np.array_equal(zero_point, fq.zero_point.numpy())):
                 raise ExportCheckError(f"{name}.{where}_quant: scale/zero point in the ONNX file differ from the trained ones")
-    return layers
+            if where == "input" and first.setdefault(id(fq), name) != name:
+                shared[name] = first[id(fq)]
+    for layer, owner in shared.items():
+        check_shared_input(g, layer, owner)
+    return layers, shared
 
 
 def check_layer_qdq(g: OnnxGraph, layer: str, activations: list[str]) -> dict[str, tuple]:
     """The layer's weight is int8 in the file and each of its ``activations`` passes a Q/DQ pair;
-    returns {"input"/"output": (scale, zero point)} as the file has them (of the last op using it)."""
+    returns {"input"/"output": (scale, zero point, the DequantizeLinear)} as the file has them (of
+    the last op using it)."""
     found = g.int8_weight_users(f"{layer}.weight")
     if not found or not found[0]:
         raise ExportCheckError(f"{layer}: quantized in training, but its weight is not int8 into "
@@ -159,11 +167,20 @@ def check_layer_qdq(g: OnnxGraph, layer: str, activations: list[str]) -> dict[st
     for op in ops:
         for where in activations:
             pair = g.input_pair(op, weight_path) if where == "input" else g.output_pair(op)
-            qparams[where] = g.pair_qparams(*pair)
-            if qparams[where] is None:
+            values = g.pair_qparams(*pair)
+            if values is None:
                 raise ExportCheckError(f"{layer}.{where}_quant: quantized in training, but has no "
                                        "QuantizeLinear/DequantizeLinear in the ONNX file")
+            qparams[where] = (*values, pair[1])
     return qparams
+
+
+def check_shared_input(g: OnnxGraph, layer: str, owner: str) -> None:
+    """``layer`` reads its input through the very Q/DQ pair ``owner`` reads (one quantizer in training)."""
+    dqs = [check_layer_qdq(g, name, ["input"])["input"][2].output[0] for name in (layer, owner)]
+    if dqs[0] != dqs[1]:
+        raise ExportCheckError(f"{layer}.input_quant: shares {owner}'s quantizer in training, but reads "
+                               "another QuantizeLinear/DequantizeLinear in the ONNX file")
 
 
 # -- outputs ---------------------------------------------------------------------------------------
@@ -274,6 +291,8 @@ def verify_deployment(folder: Path) -> dict:
             raise ExportCheckError(f"{onnx_path}: {weight} sparsity {have}, {want:.2%} recorded in {REPORT_FILE}")
     for layer, activations in report["quantized_layers"].items():
         check_layer_qdq(g, layer, activations)
+    for layer, owner in report.get("shared_input_qdq", {}).items():
+        check_shared_input(g, layer, owner)
     with np.load(folder / SAMPLE_INPUTS_FILE) as inputs, np.load(folder / SAMPLE_OUTPUTS_FILE) as outputs:
         feed, reference = dict(inputs), {name: outputs[name] for name in task.output_names}
     figures = compare_outputs(run_onnx(onnx_path, feed, task.output_names), reference, report["atol"])

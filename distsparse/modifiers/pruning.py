@@ -4,6 +4,13 @@ Masks are bool "keep" tensors keyed by parameter name. They exist from INIT (bef
 wrap the model), change only on schedule, are broadcast from rank 0 at every change so all ranks
 hold the same ones, and are applied to gradients after backward and to weights after every
 optimizer step: a pruned weight stays exactly zero through AdamW's momentum and weight decay.
+With torch's Adam/AdamW and masks that stay to the end of training, the weights need no masking
+after the step once the optimizer's moments at pruned positions are zero (zeroed at every mask
+change and at FIT_START, after a resume): a zero gradient keeps a zero moment zero, the update
+0 / (0 + eps) is 0 and decoupled decay of 0 is 0. Every weight is bit for bit what masking it
+would give; only the moments at pruned positions differ (0, where they would decay), which is why
+masks that end (leave_enabled false, an end_epoch on constant pruning) keep the masking: there the
+old moments revive weights after the end. Other optimizers (DeepSpeed's among them) keep it too.
 Parameters are looked up by name on ``state.model`` each time, never held, since wrapping may
 replace them.
 """
@@ -17,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..distributed import broadcast_, full_parameters, mask_parameter_
+from ..distributed import broadcast_, full_parameters, mask_parameter_, zero_stage
 from ..errors import RecipeError
 from ..events import Event, State
 from ..params import select_params
@@ -118,7 +125,7 @@ def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor], grads: b
     (ZeRO-3 partitions, DeepSpeed's fp32 master weights). DeepSpeed steps inside backward and keeps
     gradients to itself (``param.grad`` is None), so there only the weights are masked, after the
     step, before the next forward. ``cache`` keeps each mask as 0/1 in the parameter's dtype: a
-    multiply is several times faster than ``masked_fill_`` on CPU, and this runs twice a step.
+    multiply is several times faster than ``masked_fill_`` on CPU, and this runs every step.
     """
     params = dict(model.named_parameters())
     for name, keep in masks.items():
@@ -134,6 +141,24 @@ def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor], grads: b
                 param.grad.mul_(multiplier)
             else:
                 param.grad.masked_fill_(~keep, 0.0)
+
+
+@torch.no_grad()
+def zero_pruned_moments_(optimizer, model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the optimizer's per-weight state (Adam's moments) where ``masks`` prune."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds torch's optimizer
+    params = dict(model.named_parameters())
+    for name, keep in masks.items():
+        for value in inner.state.get(params[name], {}).values():
+            if torch.is_tensor(value) and value.shape == keep.shape:
+                value.masked_fill_(~keep.to(value.device), 0.0)
+
+
+def plain_adam(state: State) -> bool:
+    """torch's Adam/AdamW stepping on the parameters themselves (not DeepSpeed's copies)."""
+    inner = getattr(state.optimizer, "optimizer", state.optimizer)
+    return (type(inner) in (torch.optim.Adam, torch.optim.AdamW)
+            and (state.accelerator is None or zero_stage(state.accelerator) is None))
 
 
 def _log_sparsity(state: State, names: list[str]) -> None:
@@ -163,6 +188,7 @@ class _MaskingModifier(Modifier):
         super().__post_init__()
         self.names: list[str] = []
         self.masks: dict[str, torch.Tensor] = {}
+        self.grads_keep_zeros = False  # set at FIT_START: no weight masking after each optimizer step
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -182,6 +208,9 @@ class _MaskingModifier(Modifier):
     def masking(self, state: State) -> bool:
         return self.active(state)
 
+    def masks_never_end(self) -> bool:
+        return self.end_epoch < 0
+
     def init_masks(self, state: State) -> None:
         pass
 
@@ -190,7 +219,7 @@ class _MaskingModifier(Modifier):
             return True
         if event == Event.BATCH_START:
             return self.update_due(state)
-        if event in (Event.AFTER_BACKWARD, Event.OPTIMIZER_STEP_END):
+        if event == Event.AFTER_BACKWARD or (event == Event.OPTIMIZER_STEP_END and not self.grads_keep_zeros):
             return bool(self.masks) and self.masking(state)
         return False
 
@@ -201,6 +230,10 @@ class _MaskingModifier(Modifier):
         elif event == Event.FIT_START:  # prepare() or a resume may have moved the parameters
             params = dict(state.model.named_parameters())
             self.masks = {n: m.to(params[n].device) for n, m in self.masks.items()}
+            self.grads_keep_zeros = self.masks_never_end() and plain_adam(state)
+            if self.grads_keep_zeros and self.masks and self.masking(state):  # a resumed state may predate the rule
+                apply_masks(state.model, self.masks)
+                zero_pruned_moments_(state.optimizer, state.model, self.masks)
         elif event == Event.BATCH_START:
             with full_parameters(state.model, self.names):  # ZeRO-3: whole weights to score
                 self.update_masks(state)
@@ -212,6 +245,8 @@ class _MaskingModifier(Modifier):
         broadcast_(list(masks.values()), src=0)
         self.masks = masks
         apply_masks(state.model, masks)
+        if self.grads_keep_zeros:
+            zero_pruned_moments_(state.optimizer, state.model, masks)
         _log_sparsity(state, list(masks))
 
     def state_dict(self) -> dict:
@@ -372,6 +407,9 @@ class GMPruningModifier(_MaskingModifier):
 
     def masking(self, state: State) -> bool:
         return self.started(state) and (self.leave_enabled or not self.ended(state))
+
+    def masks_never_end(self) -> bool:
+        return self.leave_enabled
 
     def timeline(self, steps_per_epoch: int) -> list[tuple[int, str]]:
         name, pattern = self.__class__.__name__, self.pattern

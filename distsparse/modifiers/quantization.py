@@ -2,8 +2,10 @@
 
 Structure is built at INIT, before ``accelerator.prepare``: every plain Linear (and Embedding with
 ``quantize_embeddings``) under ``submodules`` becomes a fake-quant twin, all switched off, so
-nothing changes the model after DDP/DeepSpeed wrapped it. The schedule is a pure function of the
-optimizer step, for step t (S = start, C = calibration steps, F = observers freeze):
+nothing changes the model after DDP/DeepSpeed wrapped it; the query, key and value projections of
+an attention block share one input quantizer (``fake_quant.share_qkv_input_quant_``). The schedule
+is a pure function of the optimizer step, for step t (S = start, C = calibration steps, F =
+observers freeze):
 
 - t >= S: weights fake-quantized; activation observers record (training mode only);
 - t >= S + C: activations fake-quantized too. The first C = max(1, num_calibration_steps) QAT
@@ -23,7 +25,7 @@ from torch import nn
 from ..compat import ddp_ignore_buffers
 from ..events import Event, State
 from ..fake_quant import (ActivationFakeQuant, FakeQuant, load_named_quant_state, named_quant_state,
-                          to_quant_, update_observers_)
+                          share_qkv_input_quant_, to_quant_, update_observers_)
 from .base import Modifier, register
 
 
@@ -46,7 +48,8 @@ class QuantizationModifier(Modifier):
 
     def __post_init__(self):
         super().__post_init__()
-        self._quants: list[tuple[str, FakeQuant]] = []
+        self._quants: list[tuple[str, FakeQuant]] = []  # each module once (Q, K and V share one)
+        self._aliases: dict[str, str] = {}  # a shared module's other names: the one in _quants
 
     # -- schedule ---------------------------------------------------------------------------------
     @property
@@ -113,8 +116,14 @@ class QuantizationModifier(Modifier):
                                               self.reduce_range, bool(quantize_output))
         if not swapped:
             self.fail("submodules", f"no Linear or Embedding to quantize under {self.submodules or 'the model'}")
-        self._quants = [(f"{name}.{key}", child) for name, module in swapped.items()
-                        for key, child in module.named_children() if isinstance(child, FakeQuant)]
+        share_qkv_input_quant_(model)
+        named = [(f"{name}.{key}", child) for name, module in swapped.items()
+                 for key, child in module.named_children() if isinstance(child, FakeQuant)]
+        first = {}
+        for name, child in named:
+            first.setdefault(id(child), name)
+        self._quants = [(name, child) for name, child in named if first[id(child)] == name]
+        self._aliases = {name: first[id(child)] for name, child in named if first[id(child)] != name}
         # DDP would otherwise broadcast rank 0's buffers before each forward, wiping the other
         # ranks' pending statistics between accumulation micro-batches; we sync them ourselves.
         ignore = [f"{n}.{b}" for n, m in self._quants for b, _ in m.named_buffers(recurse=False)]
@@ -125,7 +134,7 @@ class QuantizationModifier(Modifier):
         return {"quant_state": named_quant_state(self._quants)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        load_named_quant_state(self._quants, state_dict["quant_state"], f"{self.where}: checkpoint")
+        load_named_quant_state(self._quants, state_dict["quant_state"], f"{self.where}: checkpoint", self._aliases)
 
     # -- recipe check -----------------------------------------------------------------------------
     def timeline(self, steps_per_epoch: int) -> list[tuple[int, str]]:

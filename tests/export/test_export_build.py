@@ -1,6 +1,7 @@
 """ONNX export: int8 QDQ for QAT models, fp32 otherwise, and checks that catch a broken file."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -14,6 +15,7 @@ from transformers import AutoModelForSequenceClassification
 
 from distsparse.cli import main as cli
 from distsparse.export import EXPORT_TASKS, ExportCheckError, check_export, export_main as export, load_trained, sample_inputs
+from distsparse.export.graph import OnnxGraph
 from export_helpers import QAT_RECIPE, skip_input_qdq, train_by_hand
 
 TEXT = EXPORT_TASKS["text-classification"]
@@ -145,6 +147,52 @@ def test_missing_activation_qdq_is_caught(qat_model, tmp_path):
 
     with pytest.raises(ExportCheckError, match="layer.0.intermediate.dense.input_quant: .* no QuantizeLinear"):
         check_export(tampered(path, tmp_path, skip_input_qdq), model, TEXT, samples, atol=0.05)
+
+
+def attention_input_dqs(graph, layer: int) -> dict[str, str]:
+    """{query/key/value: the DequantizeLinear output its MatMul reads as activation}."""
+    g = OnnxGraph(onnx.ModelProto(graph=graph))
+    found = {}
+    for proj in ("query", "key", "value"):
+        ops, path = g.int8_weight_users(f"bert.encoder.layer.{layer}.attention.self.{proj}.weight")
+        (op,) = ops
+        q, dq = g.input_pair(op, path)
+        assert q.op_type == "QuantizeLinear" and dq.op_type == "DequantizeLinear"
+        found[proj] = dq.output[0]
+    return found
+
+
+def test_query_key_value_read_one_qdq_pair(exported):
+    _, deploy = exported["qat"]
+    graph = onnx.load(str(deploy / "model.onnx")).graph
+    for layer in (0, 1):
+        assert len(set(attention_input_dqs(graph, layer).values())) == 1  # one Q/DQ feeds all three
+    report = json.loads((deploy / "export_report.json").read_text())
+    assert report["shared_input_qdq"] == {f"bert.encoder.layer.{i}.attention.self.{p}": f"bert.encoder.layer.{i}.attention.self.query"
+                                          for i in (0, 1) for p in ("key", "value")}
+
+
+def test_query_key_value_reading_separate_qdq_pairs_is_caught(qat_model, tmp_path):
+    model, samples, path = qat_model
+
+    def split_key_input(graph):  # a copy of the shared pair, only for layer 0's key
+        dq_name = attention_input_dqs(graph, 0)["key"]
+        dq = next(n for n in graph.node if n.output[0] == dq_name)
+        q = next(n for n in graph.node if n.output[0] == dq.input[0])
+        q2, dq2 = copy.deepcopy(q), copy.deepcopy(dq)
+        q2.name, q2.output[0] = q.name + "_copy", q.output[0] + "_copy"
+        dq2.name, dq2.input[0], dq2.output[0] = dq.name + "_copy", q2.output[0], dq.output[0] + "_copy"
+        g = OnnxGraph(onnx.ModelProto(graph=graph))
+        ops, _ = g.int8_weight_users("bert.encoder.layer.0.attention.self.key.weight")
+        matmul = next(n for n in graph.node if n.output[0] == ops[0].output[0])
+        matmul.input[:] = [dq2.output[0] if i == dq.output[0] else i for i in matmul.input]
+        at = list(graph.node).index(dq) + 1
+        graph.node.insert(at, dq2)
+        graph.node.insert(at, q2)
+
+    broken = tampered(path, tmp_path, split_key_input)
+    with pytest.raises(ExportCheckError, match="layer.0.attention.self.key.input_quant: shares .*query's quantizer"):
+        check_export(broken, model, TEXT, samples, atol=0.05)
 
 
 def test_fp32_weight_where_training_quantized_is_caught(qat_model, tmp_path):

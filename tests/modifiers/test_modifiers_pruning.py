@@ -192,6 +192,76 @@ def test_masks_hold_exact_zeros_through_100_adamw_steps_with_weight_decay():
     assert_masks_hold(model, m, before, 0.7)
 
 
+def test_masked_gradients_alone_give_adamw_the_weights_masking_them_gave(monkeypatch):
+    """With zeroed moments, skipping the weight masking after each step changes no weight, ever."""
+    weight_maskings = []
+    masking = pruning.apply_masks
+    monkeypatch.setattr(pruning, "apply_masks", lambda model, masks, grads=False, cache=None:
+                        weight_maskings.append(not grads) or masking(model, masks, grads, cache))
+    runs = {}
+    for kind in ("grads only", "grads and weights"):
+        if kind == "grads and weights":
+            monkeypatch.setattr(pruning, "plain_adam", lambda state: False)
+        weight_maskings.clear()
+        model, m = mlp(), gmp(start_epoch=0.0, end_epoch=2.0, update_frequency=0.3, final_sparsity=0.7)
+        history = []
+        state, opt = train(model, [m], 30, lambda s: history.append([p.detach().clone() for p in model.parameters()]))
+        runs[kind] = history, sum(weight_maskings), m.grads_keep_zeros, opt.state[model[0].weight], m.masks
+    assert runs["grads only"][2] and not runs["grads and weights"][2]
+    updates = len(gmp(start_epoch=0.0, end_epoch=2.0, update_frequency=0.3, final_sparsity=0.7).update_steps(SPE))
+    assert runs["grads only"][1] == updates + 1  # each mask change (and FIT_START), never after a step
+    assert runs["grads and weights"][1] == updates + 30
+    for step, (a, b) in enumerate(zip(runs["grads only"][0], runs["grads and weights"][0])):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), step
+    moments, masks = runs["grads only"][3], runs["grads only"][4]
+    assert (moments["exp_avg"][~masks["0.weight"]] == 0).all() and (moments["exp_avg_sq"][~masks["0.weight"]] == 0).all()
+
+
+def test_a_resumed_optimizer_state_with_moments_at_pruned_weights_is_zeroed_there(monkeypatch):
+    """A checkpoint from before the rule holds decaying moments where weights are pruned: resumed,
+    they are zeroed, so the zeros hold; left alone, AdamW would move those weights."""
+    monkeypatch.setattr(pruning, "plain_adam", lambda state: False)  # the old rule: masks on weights
+    model, m = mlp(), gmp()
+    state, opt = train(model, [m], 12)
+    pruned = ~m.masks["0.weight"]
+    assert (opt.state[model[0].weight]["exp_avg"][pruned] != 0).any()
+    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(m.state_dict())
+    train(model, [m], 15, state=state, opt=opt)  # the old rule to the end
+    monkeypatch.undo()
+
+    def resumed(zero_moments: bool):
+        model2, m2 = mlp(seed=5), gmp()
+        state2 = State(model=model2, steps_per_epoch=SPE)
+        fire([m2], Event.INIT, state2)
+        model2.load_state_dict(saved[0])
+        opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2, weight_decay=0.1)
+        opt2.load_state_dict(copy.deepcopy(saved[1]))  # it keeps the very tensors it is given
+        m2.load_state_dict(saved[2])
+        state2.optimizer, state2.step = opt2, 12
+        if not zero_moments:
+            monkeypatch.setattr(pruning, "zero_pruned_moments_", lambda *args: None)
+        fire([m2], Event.FIT_START, state2)
+        assert m2.grads_keep_zeros
+        train(model2, [m2], 15, state=state2, opt=opt2)
+        return model2
+
+    model2 = resumed(zero_moments=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    assert not (resumed(zero_moments=False)[0].weight[pruned] == 0).all()
+
+
+def test_other_optimizers_keep_masking_the_weights():
+    model, m = mlp(), gmp(start_epoch=0.0, end_epoch=2.0, update_frequency=0.5, final_sparsity=0.7)
+    state = State(model=model, steps_per_epoch=SPE)
+    fire([m], Event.INIT, state)
+    state.optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1)
+    fire([m], Event.FIT_START, state)
+    assert not m.grads_keep_zeros and m.match(Event.OPTIMIZER_STEP_END, state)
+    before = copy.deepcopy(model.state_dict())
+    train(model, [m], 25, state=state, opt=state.optimizer)
+    assert_masks_hold(model, m, before, 0.7)
+
+
 def test_magnitude_pruning_of_a_tiny_bert_encoder():
     model = tiny_bert()
     m = gmp(MagnitudePruningModifier, params=[ENCODER], start_epoch=0.0, end_epoch=2.0, update_frequency=0.5,

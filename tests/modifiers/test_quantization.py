@@ -9,11 +9,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import FIXTURES, tiny_bert
-from distsparse import distributed
+from distsparse import distributed, fake_quant
 from distsparse.errors import RecipeError, UserError
 from distsparse.events import Event, State, fire
-from distsparse.fake_quant import (ActivationFakeQuant, QuantEmbedding, QuantLinear, WeightFakeQuant,
-                                   fake_quantize, load_quant_state, qparams, quant_state, to_quant_, update_observers_)
+from distsparse.fake_quant import (ActivationFakeQuant, QuantEmbedding, QuantLinear, WeightFakeQuant, fake_quantize,
+                                   fake_quants, load_quant_state, qparams, quant_state, to_quant_, update_observers_)
 from distsparse.modifiers.quantization import QuantizationModifier
 from distsparse.recipe import load_recipe
 
@@ -108,6 +108,31 @@ def test_cpu_fake_quantize_is_bitwise_torchs_op_with_the_same_gradient(axis, zer
     (got,) = torch.autograd.grad(out, x, grad)
     assert torch.equal(out, reference) and torch.equal(got, expected)
     assert 0 < (got == 0).sum() < got.numel()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weights_whose_scale_follows_them_clip_nothing_and_pass_the_gradient_through(bits):
+    """While observing, a weight's scale is its own absmax / qmax: torch's op computes exactly these
+    numbers, its straight-through mask is all ones, and the clamping path agrees bit for bit."""
+    w = torch.randn(64, 48) * torch.logspace(-6, 3, 64)[:, None]  # channel scales from tiny to large
+    w[3] = 0.0  # a pruned row: the scale is clamped to eps
+    w[5, 7] = w[5].abs().max() * 2  # one outlier per channel sets its scale
+    w.requires_grad_()
+    fq = WeightFakeQuant(64, bits=bits)
+    fq.enabled = fq.observe = True
+    grad = torch.randn(64, 48)
+    out = fq(w)
+    (got,) = torch.autograd.grad(out, w, grad)
+    reference = torch.fake_quantize_per_channel_affine(w, fq.scale, fq.zero_point, 0, fq.quant_min, fq.quant_max)
+    (expected,) = torch.autograd.grad(reference, w, grad)
+    assert torch.equal(out, reference) and torch.equal(got, expected) and torch.equal(got, grad)
+    clamped = fake_quantize(w, fq.scale, fq.zero_point, fq.quant_min, fq.quant_max, axis=0)  # clips=True
+    assert torch.equal(out, clamped)
+    assert torch.round(out.detach() / fq.scale[:, None]).abs().max() == fq.quant_max
+
+    fq.observe = False  # frozen scale, grown weights: clipped values get no gradient
+    (frozen,) = torch.autograd.grad(fq(w * 1.5), w, grad)
+    assert 0 < (frozen == 0).sum() < frozen.numel()
 
 
 def test_embedding_quantizes_looked_up_rows_as_the_whole_table():
@@ -306,6 +331,79 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path):
     broken.pop(next(iter(broken)))
     with pytest.raises(UserError, match="missing"):
         load_quant_state(fresh, broken)
+
+
+def unshared(model):
+    """A copy of ``model`` with Q, K and V's input quantizer as three equal modules, as before they shared one."""
+    separate = copy.deepcopy(model)
+    for layer in separate.bert.encoder.layer:
+        attention = layer.attention.self
+        for key in ("key", "value"):
+            getattr(attention, key).input_quant = copy.deepcopy(attention.query.input_quant)
+    return separate
+
+
+def test_query_key_value_share_one_input_quantizer_with_the_numbers_of_three(monkeypatch):
+    model = tiny_bert()
+    init(model, steps_per_epoch=1, start_epoch=0)
+    attention = model.bert.encoder.layer[1].attention.self
+    assert attention.key.input_quant is attention.query.input_quant is attention.value.input_quant
+    names = [n for n, _ in fake_quants(model)]
+    assert "bert.encoder.layer.1.attention.self.query.input_quant" in names
+    assert not [n for n in names if ".key.input_quant" in n or ".value.input_quant" in n]
+    separate = unshared(model)
+    assert len(fake_quants(separate)) == len(names) + 4
+    g = torch.Generator().manual_seed(0)
+    calibration, ids = torch.randint(0, 2000, (4, 12), generator=g), torch.randint(0, 2000, (4, 12), generator=g)
+    calls, counts, outputs, grads = [], [], [], []
+    counted = fake_quant.fake_quantize
+    monkeypatch.setattr(fake_quant, "fake_quantize", lambda *a, **k: calls.append(1) or counted(*a, **k))
+    for m in (model, separate):
+        m.train()
+        for _, fq in fake_quants(m):  # calibrate: observe everything, quantize weights only
+            fq.observe, fq.enabled = True, isinstance(fq, WeightFakeQuant)
+        m(input_ids=calibration)
+        update_observers_([fq for _, fq in fake_quants(m) if isinstance(fq, ActivationFakeQuant)])
+        for _, fq in fake_quants(m):
+            fq.enabled = True
+        calls.clear()
+        out = m(input_ids=ids, labels=torch.tensor([0, 1, 1, 0]))
+        out.loss.backward()
+        counts.append(len(calls))
+        outputs.append(out.logits)
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert counts[1] - counts[0] == 2 * 2  # K and V quantize nothing more, in both layers
+    shared_qparams, separate_qparams = qparams(model), qparams(separate)
+    for key, value in separate_qparams.items():  # three observers of one tensor: the shared one's numbers
+        shared_key = key.replace(".key.input_quant", ".query.input_quant").replace(".value.input_quant", ".query.input_quant")
+        assert torch.equal(value, shared_qparams[shared_key]), key
+    assert torch.equal(outputs[0], outputs[1])  # the forward, bit for bit
+    for name, grad in grads[0].items():
+        if name.startswith(("bert.encoder.layer.1.", "bert.pooler", "classifier")):
+            assert torch.equal(grad, grads[1][name]), name  # above the first shared quantizer: same sums
+        else:  # Q, K and V's gradients are summed before the mask, not after: float32 rounding apart
+            # (the key bias's gradient is rounding noise around its exact value 0: softmax ignores shifts)
+            bound = 1e-6 * max(float(grad.abs().max()), 1e-6)
+            torch.testing.assert_close(grad, grads[1][name], rtol=0, atol=bound, msg=name)
+
+
+def test_files_with_three_query_key_value_input_quantizers_load(tmp_path):
+    model = tiny_bert()
+    modifier, state = init(model, steps_per_epoch=1, start_epoch=0)
+    run_steps(model, [modifier], state, 2)
+    old = quant_state(unshared(model))  # what distsparse wrote before Q, K and V shared one quantizer
+    assert "bert.encoder.layer.0.attention.self.key.input_quant.scale" in old
+    fresh = tiny_bert()
+    other, _ = init(fresh, steps_per_epoch=1, start_epoch=0)
+    load_quant_state(fresh, old)
+    assert quant_state(fresh).keys() == quant_state(model).keys()
+    assert all(torch.equal(v, quant_state(model)[k]) for k, v in quant_state(fresh).items())
+    resumed, _ = init(tiny_bert(), steps_per_epoch=1, start_epoch=0)
+    resumed.load_state_dict({"quant_state": old})  # a checkpoint's modifier state
+    assert all(torch.equal(v, modifier.state_dict()["quant_state"][k]) for k, v in resumed.state_dict()["quant_state"].items())
+    old["bert.encoder.layer.0.attention.self.value.input_quant.scale"] *= 2
+    with pytest.raises(UserError, match="value.input_quant.scale differs from .*query.input_quant.scale"):
+        load_quant_state(fresh, old)
 
 
 def test_ddp_leaves_the_synced_buffers_alone():
