@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,17 +100,9 @@ def run(args, name: str, work: Path) -> dict:
         return json.loads((out / "bench_run.json").read_text())
     if RUNS[name][1] and not (work / "dense" / "model.safetensors").is_file():
         sys.exit(f"accuracy_sst2: {name} distills from {work / 'dense'}, which has no model: run dense first")
-    out.mkdir(parents=True, exist_ok=True)
     cmd = train_command(args, name, work)
     print(f"{name}: {steps(args, name)} steps ... ", end="", flush=True)
-    t0 = time.perf_counter()
-    with open(out / "train.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=bl.ROOT, stdout=log, stderr=subprocess.STDOUT, env=env(args))
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        print(f"failed (exit {proc.returncode})\n" + (out / "train.log").read_text()[-3000:])
-        sys.exit(f"accuracy_sst2: run {name} failed: {' '.join(cmd)}")
-    state = json.loads((out / "trainer_state.json").read_text())
+    state, seconds = bl.run_job(cmd, out, env(args), "accuracy_sst2", name)
     result = {"accuracy": state["metrics"]["eval/accuracy"], "encoder_sparsity": round(sparsity(out), 4),
               "int8_qat": (out / "quantization.safetensors").is_file(), "train_seconds": round(seconds, 1),
               "steps": state["global_step"], "teacher": "dense" if RUNS[name][1] else None,

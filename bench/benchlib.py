@@ -169,6 +169,22 @@ def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) 
 
 
 # -- the real job ----------------------------------------------------------------------------------------
+def run_job(cmd: list[str], out: Path, environ: dict, bench: str, name: str) -> tuple[dict, float]:
+    """Run one ``distsparse train`` command into ``out`` (its log in train.log); its trainer_state and seconds.
+
+    A failed run ends the benchmark with the log's tail and the command, so no result is written from it.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(out / "train.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=environ)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print((out / "train.log").read_text()[-3000:])
+        sys.exit(f"{bench}: run {name} failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return json.loads((out / "trainer_state.json").read_text()), seconds
+
+
 def build_run(model_dir: Path, recipe_text: str, work: Path, name: str, *flags: str):
     """A job exactly as ``distsparse train`` sets it up (``distsparse.train.setup``), for
     ``recipe_text`` on the model in ``model_dir``; benchmarks step it with ``distsparse.train.train_step``.

@@ -66,16 +66,8 @@ def train(args, name: str, recipe: Path, work: Path) -> dict:
            "--per_device_train_batch_size", str(args.batch_size), "--max_seq_length", str(args.max_seq_length),
            "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", "10", "--seed", str(args.seed),
            "--teacher", "disable", *(["--max_eval_samples", str(args.max_eval_samples)] if args.max_eval_samples else [])]
-    out.mkdir(parents=True, exist_ok=True)
     print(f"{name}: training ... ", end="", flush=True)
-    t0 = time.perf_counter()
-    with open(out / "train.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=bl.ROOT, stdout=log, stderr=subprocess.STDOUT, env=env(args))
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        print((out / "train.log").read_text()[-3000:])
-        sys.exit(f"obs_sst2: run {name} failed (exit {proc.returncode}): {' '.join(cmd)}")
-    state = json.loads((out / "trainer_state.json").read_text())
+    state, seconds = bl.run_job(cmd, out, env(args), "obs_sst2", name)
     result = {"accuracy": state["metrics"]["eval/accuracy"], "encoder_sparsity": round(sparsity(out), 4),
               "steps": state["global_step"], "train_seconds": round(seconds, 1), "command": " ".join(cmd[1:])}
     print(f"accuracy {result['accuracy']:.4f}, {seconds / 60:.1f} min", flush=True)
