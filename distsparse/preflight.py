@@ -86,19 +86,23 @@ def check_model_path(flag: str, value: str) -> None:
         raise UserError(f"--{flag} {value}: no such model folder")
 
 
-def check_teacher_labels(args, num_labels: int, problem_type: str | None = None) -> None:
-    """A teacher with a classification head must predict the task's labels; a regression has no
-    class distribution for the DistillationModifier to compare (its KL over one output is always 0)."""
+def check_teacher_labels(args, task) -> None:
+    """A teacher must have the student's kind of head, and a classifier the task's labels; a regression
+    has no class distribution for the DistillationModifier to compare (its KL over one output is always 0)."""
     if args.teacher in (None, "", "disable"):
         return
-    if problem_type == "regression":
+    if task.problem_type == "regression":
         raise UserError(f"--teacher {args.teacher}: distillation compares class distributions, a regression "
                         "task (one output, e.g. STS-B) has none; use --teacher disable")
     if args.teacher == "self":
         return
     config = load_config("teacher", args.teacher)
-    if _has_task_head(config) and config.num_labels != num_labels:
-        raise UserError(f"--teacher {args.teacher}: has {config.num_labels} labels, the task has {num_labels}")
+    head, wanted = _task_head(config), task.model_class.__name__.removeprefix("AutoModel")
+    if head is not None and head != wanted:
+        raise UserError(f"--teacher {args.teacher}: is a {config.architectures[0]}, the student trains a {wanted[3:]} "
+                        f"head; distill from a teacher fine-tuned with the same head (a *{wanted} model)")
+    if head in CLASSIFIER_HEADS and config.num_labels != task.num_labels:
+        raise UserError(f"--teacher {args.teacher}: has {config.num_labels} labels, the task has {task.num_labels}")
 
 
 def load_config(flag: str, name: str):
@@ -110,5 +114,14 @@ def load_config(flag: str, name: str):
         raise UserError(f"--{flag} {name}: cannot be loaded ({str(err).strip().splitlines()[0][:160]})") from None
 
 
-def _has_task_head(config) -> bool:
-    return any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in config.architectures or [])
+CLASSIFIER_HEADS = ("ForSequenceClassification", "ForTokenClassification")
+TASK_HEADS = (*CLASSIFIER_HEADS, "ForQuestionAnswering", "ForMaskedLM")
+
+
+def _task_head(config) -> str | None:
+    """The task head a saved model was trained with (``ForQuestionAnswering``...), None for a bare encoder."""
+    for architecture in config.architectures or []:
+        for head in TASK_HEADS:
+            if architecture.endswith(head):
+                return head
+    return None

@@ -117,7 +117,7 @@ def setup(args: argparse.Namespace) -> Run:
     datasets.disable_progress_bars()  # a bad input must end in one readable line
     transformers.utils.logging.disable_progress_bar()
     task = build_task_everywhere(args, tokenizer, accelerator)
-    preflight.check_teacher_labels(args, task.num_labels, task.problem_type)
+    preflight.check_teacher_labels(args, task)
     say_recipe_overrides(args, recipe, accelerator)
     model = from_pretrained(task.model_class, model_path, **model_kwargs(task))
     teacher = launch.load_teacher(args, model, task.model_class, model_kwargs(task))

@@ -76,6 +76,21 @@ def test_teacher_with_other_labels(base, tmp_path, capsys):
     assert "has 5 labels, the task has 2" in one_line(capsys)
 
 
+def test_teacher_with_another_head(base, tmp_path, capsys):
+    """A tagger cannot teach a sentence classifier (nor a classifier a QA or masked-LM student): said by
+    head kind, before the label counts are compared."""
+    from transformers import AutoTokenizer, BertForTokenClassification
+
+    from conftest import minilm_dir
+
+    BertForTokenClassification(tiny_bert().config).save_pretrained(tmp_path / "teacher")
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(tmp_path / "teacher")
+    capsys.readouterr()
+    assert cli(base("--teacher", str(tmp_path / "teacher"))) == 2
+    assert ("is a BertForTokenClassification, the student trains a SequenceClassification head; distill from a "
+            "teacher fine-tuned with the same head (a *ForSequenceClassification model)") in one_line(capsys)
+
+
 def test_fsdp_launch_is_refused_at_start(base, capsys, monkeypatch):
     """Masks and the rank check do not follow FSDP's flat shards yet: say so instead of training wrong."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
