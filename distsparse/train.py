@@ -291,7 +291,7 @@ def end_of_step(run: Run, meter: LossMeter, lr: float, preempted: bool) -> bool:
         if args.check_rank_consistency == "epoch":
             check_ranks(run)
     if run.eval_loader and due(args.eval_strategy, args.eval_steps or args.save_steps, state.step, epoch_end):
-        evaluate_and_log(run)
+        evaluate_and_log(run, final=last)
     stop = distributed.any_rank(preempted)
     if stop or due(args.save_strategy, args.save_steps, state.step, epoch_end):
         save_checkpoint(run)
@@ -360,11 +360,14 @@ def log(run: Run, logs: dict) -> None:
     run.accelerator.print(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
 
 
-def evaluate_and_log(run: Run) -> dict:
-    """The task's metrics on the eval set (all ranks), logged as ``eval/...``."""
+def evaluate_and_log(run: Run, final: bool) -> dict:
+    """The task's metrics on the eval set (all ranks), logged as ``eval/...``. The extra sets (MNLI's
+    mismatched) only in the ``final`` evaluation, as run_glue.py, or at every one when the best of them
+    becomes the saved model (its metrics must be complete)."""
     task, model, accelerator = run.task, run.model, run.accelerator
     metrics = task.evaluate(model, run.eval_loader, accelerator)
-    for suffix, loader in run.more_eval_loaders.items():  # named as run_glue.py names MNLI-mm's: eval_accuracy_mm
+    more = run.more_eval_loaders if final or run.args.load_best_model_at_end else {}
+    for suffix, loader in more.items():  # named as run_glue.py names MNLI-mm's: eval_accuracy_mm
         metrics.update({f"{k}_{suffix}": v for k, v in task.evaluate(model, loader, accelerator).items()})
     run.metrics = {f"eval/{k}": v for k, v in metrics.items()}
     log(run, run.metrics)
@@ -426,7 +429,7 @@ def finish(run: Run) -> dict:
         if args.check_rank_consistency == "end":  # "epoch" already checked at the last step
             check_ranks(run)
     if run.eval_loader and args.do_eval and run.metrics_step != state.step:
-        evaluate_and_log(run)
+        evaluate_and_log(run, final=True)
     out = Path(args.output_dir)
     if args.do_train and run.best:
         run.metrics = run.best[2]

@@ -229,9 +229,14 @@ def test_regression_refuses_a_teacher(tmp_path, tiny_model_dir, capsys):
 def test_train_mnli_reports_mismatched(tmp_path):
     results = train(tmp_path, 3, "--task_name", "mnli", "--train_file", str(GLUE_FILES / "mnli_train.jsonl"),
                     "--validation_file", str(GLUE_FILES / "mnli_dev_matched.jsonl"),
-                    "--validation_mismatched_file", str(GLUE_FILES / "mnli_dev_mismatched.jsonl"))
+                    "--validation_mismatched_file", str(GLUE_FILES / "mnli_dev_mismatched.jsonl"),
+                    "--eval_strategy", "steps", "--eval_steps", "1")
     # run_glue.py's names: the mismatched evaluation's metrics with the suffix _mm.
     assert {"eval_accuracy", "eval_loss", "eval_accuracy_mm", "eval_loss_mm"} <= set(results)
+    # As run_glue.py: the mismatched set only in the final evaluation (last step), matched at every one.
+    evals = [row for row in json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+             if "eval/accuracy" in row]
+    assert len(evals) > 1 and [("eval/accuracy_mm" in row) for row in evals] == [False] * (len(evals) - 1) + [True]
     assert results["eval_samples"] == 20 and results["eval_samples_mm"] == 16
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     assert model.config.id2label == {0: "entailment", 1: "neutral", 2: "contradiction"}
