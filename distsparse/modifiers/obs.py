@@ -18,12 +18,26 @@ gradients, float32, 1 thread, load ~9 on 2 cores;
 ``bench/obs_sst2.py --parts inverse --repeats 1 --threads 1``): Woodbury 49.7 s, summed +
 Cholesky 3.6 s (13.9x), both within 2e-15 of ``torch.linalg.inv`` in float64.
 
-Across ranks the sum also splits where Woodbury's sequence cannot: each rank adds the outer
-products of its share of the ``num_grads`` samples (its own data shard, forward/backward on the
-unwrapped model, so DDP's reducer never runs), one fused all-reduce sums them, and every rank
-inverts the same matrix; masks and updated weights are then broadcast from rank 0, so they are
-bitwise equal everywhere. Memory per rank: ``4 * d * B`` bytes for ``d`` pruned weights at block
-size ``B``, plus the gradient buffer (at most ``GRAD_BUFFER_BYTES``).
+Across ranks the sum also splits where Woodbury's sequence cannot: each rank takes its share of the
+``num_grads`` samples from its own data shard. Gradients come without any parameter's gradient
+(``weight_grads``): autograd differentiates w.r.t. the pruned ``nn.Linear`` layers' outputs, and a
+weight's gradient is ``grad_out^T @ input``, so neither DDP's reducer nor ZeRO's reduce hooks run,
+and under ZeRO-3 nothing has to stay gathered (a forward inside ``GatheredParameters`` fails:
+DeepSpeed releases the weights after it). With DDP each rank adds the outer products of its
+samples for every tensor, one fused all-reduce sums them, every rank inverts the same matrix and
+rank 0's masks and updated weights are broadcast. Under ZeRO-2/3 each tensor is owned whole by one
+rank (``distributed.owners_by_size``; DeepSpeed's even flat split would cut Fisher blocks): each
+buffer of gradients is gathered to the owners, who alone hold, invert and score their tensors'
+blocks; the scores are all-gathered, so every rank runs the same ``_prune_lowest`` on the same
+concatenation, and each updated weight is broadcast from its owner and written into every copy a
+rank keeps (``distributed.set_parameter_``: ZeRO-3 partition and fp32 master, ZeRO-1/2 fp32
+master fragment). Masks are bitwise equal everywhere either way.
+
+Memory per rank: ``4 * d * B`` bytes for ``d`` pruned weights at block size ``B`` with DDP; under
+ZeRO the same for the ``d`` of the tensors the rank owns, about 1/N of them (``obs/fisher_elements``
+in the logs); plus the gradient buffer (at most ``GRAD_BUFFER_BYTES``, and under ZeRO what the
+owner receives of its tensors, about as much again) and, under ZeRO-3, the pruned weights whole
+while they are written back.
 """
 from __future__ import annotations
 

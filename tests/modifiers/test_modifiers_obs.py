@@ -429,8 +429,10 @@ def test_two_ranks_hold_the_same_obs_masks_and_weights(obs_job):
     assert pruned == pytest.approx(0.8, abs=1e-3)
 
 
-def test_check_names_an_obs_tensor_without_rank_sync(obs_job):
-    proc, _ = obs_job.launch("obs-nosync", "ddp", "--save_strategy", "no", "--teacher", "disable",
+@pytest.mark.parametrize("backend", ["ddp", pytest.param("zero3", marks=pytest.mark.slow)])
+def test_check_names_an_obs_tensor_without_rank_sync(obs_job, backend):
+    """Without rank sync each rank prunes from its own samples (under ZeRO it owns every tensor)."""
+    proc, _ = obs_job.launch(f"obs-nosync-{backend}", backend, "--save_strategy", "no", "--teacher", "disable",
                              "--debug_disable_rank_sync")
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -454,6 +456,9 @@ def test_zero_runs_prune_like_ddp_and_reach_the_master_weights(obs_job, backend)
     proc, out = obs_job.launch(f"obs-{backend}", backend, "--save_strategy", "epoch", "--teacher", "disable")
     ok(proc)
     assert "rank consistency: OK" in proc.stdout
+    # Rank 0 holds the Fisher blocks of the 3 of 6 tensors it owns (half the elements); with DDP, all.
+    assert set(re.findall(r"obs/fisher_elements=(\S+)", proc.stdout)) == {"4.096e+04"}
+    assert set(re.findall(r"obs/fisher_elements=(\S+)", ddp.stdout)) == {"8.192e+04"}
     rank0, rank1 = rank_states(out)
     assert [k for k in rank0 if not torch.equal(rank0[k], rank1[k])] == []
     masks, ddp_masks = masks_of(rank0), masks_of(rank_states(ddp_out)[0])
