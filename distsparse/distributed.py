@@ -123,14 +123,14 @@ def gather_to(tensor: torch.Tensor, dst: int) -> list[torch.Tensor] | None:
 def all_gather_owned(owned: dict[int, torch.Tensor], sizes: list[int], owners: list[int]) -> list[torch.Tensor]:
     """Each rank holds the 1-D tensors ``owned`` (index -> ``sizes[index]`` elements) of the indices
     ``owners`` gives it; every rank gets all of them, in index order: one all_gather of the ranks'
-    concatenations, padded to the longest (no pickling)."""
+    concatenations as float64 (OBS's scores), padded to the longest (no pickling)."""
     if not _active():
         return [owned[i] for i in range(len(sizes))]
     lengths = [sum(n for n, o in zip(sizes, owners) if o == r) for r in range(world_size())]
-    mine = torch.cat([owned[i] for i in sorted(owned)]) if owned else None
-    template = next(iter(owned.values()), None)
-    flat = torch.zeros(max(lengths), dtype=torch.float64, device=_device() if template is None else template.device)
-    if mine is not None:
+    flat = torch.zeros(max(lengths), dtype=torch.float64,
+                       device=next(iter(owned.values())).device if owned else _device())
+    if owned:
+        mine = torch.cat([owned[i] for i in sorted(owned)])
         flat[:len(mine)] = mine
     everyone = [torch.empty_like(flat) for _ in range(world_size())]
     dist.all_gather(everyone, flat)
@@ -292,7 +292,8 @@ def check_rank_consistency(model, modifiers, accelerator, teacher=None) -> int:
 
     Weights are compared where every rank holds them whole: DDP and ZeRO-1/2 (whose 16/32-bit
     parameters are all-gathered after every step; only optimizer state is sharded). Under ZeRO-3
-    each rank holds a different partition, so only masks and quantization state are compared.
+    each rank holds a different partition, so only masks (GMP's, and OBS's, whose updated weights
+    every rank writes from one broadcast value) and quantization state are compared.
     Collective: call on every rank. Returns the number of tensors compared.
     """
     replicated = zero_stage(accelerator) != 3
