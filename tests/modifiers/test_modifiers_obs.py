@@ -262,7 +262,7 @@ def test_non_linear_weight_is_refused_under_zero3_at_init():
                                   end_epoch=0.0, update_frequency=1.0, fisher_block_size=16)
     modifier.validate()
     state = State(model=model, steps_per_epoch=1, accelerator=deepspeed_accelerator(3))
-    with pytest.raises(RecipeError, match=r"OBSPruningModifier: params: emb.weight is not an nn.Linear weight: under ZeRO-3"):
+    with pytest.raises(RecipeError, match=r"OBSPruningModifier: params: emb.weight is not an nn.Linear weight: under"):
         fire([modifier], Event.INIT, state)
     fire([modifier], Event.INIT, State(model=model, steps_per_epoch=1, accelerator=deepspeed_accelerator(2)))
 
@@ -333,7 +333,8 @@ class ThreeLayers(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(6)
-        self.a, self.b, self.c = nn.Linear(16, 12, bias=False), nn.Linear(12, 8, bias=False), nn.Linear(8, 4, bias=False)
+        self.a, self.b = nn.Linear(16, 12, bias=False), nn.Linear(12, 8, bias=False)
+        self.c = nn.Linear(8, 4, bias=False)
 
     def forward(self, x, y):
         return SimpleNamespace(loss=((self.c(self.b(self.a(x).relu()).relu()) - y) ** 2).mean())
