@@ -342,16 +342,18 @@ class ThreeLayers(nn.Module):
 
 def _sharded_and_replicated_on_rank(rank: int, port: int, out: str) -> None:
     """A spawned rank: the same one-shot step with its half of 31 samples, replicated (as DDP) and
-    sharded (as under ZeRO-2: whole tensors owned by ranks)."""
+    sharded (as under ZeRO-2: whole tensors owned by ranks), and sharded with one tensor for two ranks."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     x, y, _ = regression_data()
     batches = batches_of(x, y, 16)[rank::2]
     results = {}
-    for mode, accelerator in (("replicated", None), ("sharded", deepspeed_accelerator(2))):
+    for mode, accelerator, params in (("replicated", None, ["a.weight", "b.weight", "c.weight"]),
+                                      ("sharded", deepspeed_accelerator(2), ["a.weight", "b.weight", "c.weight"]),
+                                      ("one tensor", deepspeed_accelerator(2), ["a.weight"])):
         model = ThreeLayers()
-        modifier = OBSPruningModifier(params=["a.weight", "b.weight", "c.weight"], init_sparsity=0.6,
+        modifier = OBSPruningModifier(params=params, init_sparsity=0.6,
                                       final_sparsity=0.6, start_epoch=0.0, end_epoch=0.0, update_frequency=1.0,
                                       global_sparsity=True, num_grads=31, fisher_block_size=8, damp=DAMP,
                                       grad_sampler_kwargs={"batch_size": 16})
@@ -376,9 +378,11 @@ def test_sharded_fisher_keeps_owned_blocks_and_prunes_as_replicated(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert [r["replicated"]["fisher_elements"] for r in ranks] == [320 * 8] * 2
     assert [r["sharded"]["fisher_elements"] for r in ranks] == [192 * 8, 128 * 8]
-    for mode in ("replicated", "sharded"):
+    for mode in ("replicated", "sharded", "one tensor"):
         for key in ("masks", "weights"):
             assert all(torch.equal(v, ranks[1][mode][key][n]) for n, v in ranks[0][mode][key].items()), (mode, key)
+    assert [r["one tensor"]["fisher_elements"] for r in ranks] == [192 * 8, 0]  # rank 1 owns nothing
+    assert int((~ranks[0]["one tensor"]["masks"]["a.weight"]).sum()) == round(0.6 * 192)
     replicated, sharded = ranks[0]["replicated"], ranks[0]["sharded"]
     assert all(torch.equal(m, sharded["masks"][n]) for n, m in replicated["masks"].items())
     assert sum(int((~m).sum()) for m in sharded["masks"].values()) == round(0.6 * 320)
