@@ -5,8 +5,10 @@ which are no-ops in a single process:
 
 - ``broadcast_`` / ``all_reduce_min_max_`` / ``all_reduce_sum_``: the fused collectives masks,
   observers and OBS's Fisher sums use;
-- ``full_parameters`` / ``mask_parameter_``: read and write weights wherever this rank keeps
-  them (plain tensor, ZeRO-3 partition, DeepSpeed's fp32 master copy);
+- ``owners_by_size`` / ``gather_to`` / ``all_gather_owned``: whole tensors assigned to ranks, and
+  what OBS under ZeRO sends to and gathers from their owners;
+- ``full_parameters`` / ``mask_parameter_`` / ``set_parameter_``: read and write weights wherever
+  this rank keeps them (plain tensor, ZeRO-3 partition, DeepSpeed's fp32 master copy);
 - ``check_rank_consistency``: digests of masks, quantization parameters and replicated weights,
   compared across ranks.
 
@@ -96,6 +98,49 @@ def all_reduce_sum_(tensors: list[torch.Tensor], bucket_numel: int = 1 << 26) ->
             bucket = []
 
 
+def owners_by_size(sizes: list[int]) -> list[int]:
+    """The rank that owns each tensor: largest first to the least-loaded rank (ties to the lower
+    index and rank), so each holds about 1/N of the elements and no tensor is cut between ranks.
+    Deterministic, the same on every rank. Without rank sync every rank owns everything."""
+    if not _active():
+        return [rank()] * len(sizes)
+    load, owners = [0] * world_size(), [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owners[i] = min(range(world_size()), key=lambda r: (load[r], r))
+        load[owners[i]] += sizes[i]
+    return owners
+
+
+def gather_to(tensor: torch.Tensor, dst: int) -> list[torch.Tensor] | None:
+    """Every rank's ``tensor`` (same shape everywhere) on rank ``dst``, in rank order; None elsewhere."""
+    if not _active():
+        return [tensor]
+    received = [torch.empty_like(tensor) for _ in range(world_size())] if rank() == dst else None
+    dist.gather(tensor.contiguous(), received, dst=dst)
+    return received
+
+
+def all_gather_owned(owned: dict[int, torch.Tensor], sizes: list[int], owners: list[int]) -> list[torch.Tensor]:
+    """Each rank holds the 1-D tensors ``owned`` (index -> ``sizes[index]`` elements) of the indices
+    ``owners`` gives it; every rank gets all of them, in index order: one all_gather of the ranks'
+    concatenations as float64 (OBS's scores), padded to the longest (no pickling)."""
+    if not _active():
+        return [owned[i] for i in range(len(sizes))]
+    lengths = [sum(n for n, o in zip(sizes, owners) if o == r) for r in range(world_size())]
+    flat = torch.zeros(max(lengths), dtype=torch.float64,
+                       device=next(iter(owned.values())).device if owned else _device())
+    if owned:
+        mine = torch.cat([owned[i] for i in sorted(owned)])
+        flat[:len(mine)] = mine
+    everyone = [torch.empty_like(flat) for _ in range(world_size())]
+    dist.all_gather(everyone, flat)
+    offsets, out = [0] * world_size(), []
+    for n, r in zip(sizes, owners):
+        out.append(everyone[r][offsets[r]:offsets[r] + n])
+        offsets[r] += n
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any (a preemption signal may reach only one process)."""
     if world_size() == 1:
@@ -121,11 +166,17 @@ def full_parameters(model: torch.nn.Module, names=None):
         yield
 
 
-def _zero3_local(keep: torch.Tensor, partition: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a flattened ``keep``, as ZeRO-3 partitions: equal slices in rank order,
-    the last padded (padding kept; it is never used). Assumes data parallelism over all ranks."""
+def _zero3_slice(full: torch.Tensor, partition: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a flattened ``full``, as ZeRO-3 partitions: equal slices in rank order,
+    the last one short (its partition is padded). Assumes data parallelism over all ranks."""
     size = partition.numel()
-    flat = keep.reshape(-1)[rank() * size:(rank() + 1) * size].to(partition.device)
+    return full.reshape(-1)[rank() * size:(rank() + 1) * size].to(partition.device)
+
+
+def _zero3_local(keep: torch.Tensor, partition: torch.Tensor) -> torch.Tensor:
+    """``_zero3_slice`` of a mask, padded to the partition with True (padding kept; it is never used)."""
+    flat = _zero3_slice(keep, partition)
+    size = partition.numel()
     return torch.cat([flat, flat.new_ones(size - flat.numel())]) if flat.numel() < size else flat
 
 
@@ -163,6 +214,30 @@ def mask_parameter_(param: torch.nn.Parameter, keep: torch.Tensor, multiplier: t
         master, start, numel = fragment
         local = keep.reshape(-1).narrow(0, start, numel)
         master.data.masked_fill_(~local.to(master.device), 0.0)
+
+
+@torch.no_grad()
+def set_parameter_(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Write the whole ``value`` (the same on every rank) into every copy of ``param`` this rank
+    holds, without collectives; the copies are those of ``mask_parameter_`` (OBS's weight update
+    must reach DeepSpeed's fp32 master copy, or the next optimizer step undoes it). ZeRO-3 padding
+    is left as it was."""
+    if param.numel() == value.numel():
+        param.data.copy_(value.view_as(param))
+    partition = compat.zero3_partition(param)
+    if partition is not None:
+        local = _zero3_slice(value, partition)
+        partition.data[:local.numel()].copy_(local)
+        if compat.zero3_has_master(param):
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+            master = safe_get_local_fp32_param(param).clone()
+            master[:local.numel()] = local.to(master.device)
+            safe_set_local_fp32_param(param, master)
+    fragment = compat.zero12_master_fragment(param)
+    if fragment is not None:
+        master, start, numel = fragment
+        master.data.copy_(value.reshape(-1).narrow(0, start, numel).to(master.device))
 
 
 def zero_stage(accelerator) -> int | None:
@@ -217,7 +292,8 @@ def check_rank_consistency(model, modifiers, accelerator, teacher=None) -> int:
 
     Weights are compared where every rank holds them whole: DDP and ZeRO-1/2 (whose 16/32-bit
     parameters are all-gathered after every step; only optimizer state is sharded). Under ZeRO-3
-    each rank holds a different partition, so only masks and quantization state are compared.
+    each rank holds a different partition, so only masks (GMP's, and OBS's, whose updated weights
+    every rank writes from one broadcast value) and quantization state are compared.
     Collective: call on every rank. Returns the number of tensors compared.
     """
     replicated = zero_stage(accelerator) != 3

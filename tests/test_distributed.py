@@ -237,6 +237,23 @@ def test_zero3_local_slices_cover_the_mask(monkeypatch):
     assert bool(torch.cat(slices)[35:].all())
 
 
+def test_set_parameter_writes_this_ranks_zero3_slice_and_keeps_padding(monkeypatch):
+    """A ZeRO-3 parameter outside a gather (size 0, its slice in ``ds_tensor``): each rank writes its
+    slice of the whole value; the last rank's padding keeps what it held."""
+    value = torch.arange(35.0).reshape(7, 5)
+    for r in range(3):
+        param = torch.nn.Parameter(torch.empty(0))
+        param.ds_tensor = torch.full((12,), -1.0)  # ceil(35 / 3) = 12 elements per rank
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        distributed.set_parameter_(param, value)
+        expected = value.reshape(-1)[12 * r:12 * (r + 1)]
+        assert torch.equal(param.ds_tensor[:len(expected)], expected)
+        assert bool((param.ds_tensor[len(expected):] == -1).all())
+    whole = torch.nn.Parameter(torch.zeros(7, 5))
+    distributed.set_parameter_(whole, value)
+    assert torch.equal(whole.detach(), value)
+
+
 def test_mask_parameter_plain_and_single_process_collectives():
     param = torch.nn.Parameter(torch.randn(4, 6))
     keep = torch.rand(4, 6) > 0.5

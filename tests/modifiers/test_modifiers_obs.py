@@ -247,15 +247,53 @@ def test_grad_batches_are_this_ranks_shard_in_a_seeded_order(monkeypatch):
     assert first_pass(0) != rank0  # the next pruning step draws others
 
 
-def test_deepspeed_is_refused_at_init():
+def deepspeed_accelerator(stage: int):
+    """What ``distributed.zero_stage`` reads of an Accelerator running DeepSpeed at ``stage``."""
     from accelerate.utils import DistributedType
 
-    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
-                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
-    recipe = load_recipe(OBS_RECIPE.format(extra="fisher_block_size: 16"))
-    state = State(model=Regression(torch.zeros(4, 16)), steps_per_epoch=1, accelerator=accelerator)
-    with pytest.raises(RecipeError, match=r"^<string>:\d+ OBSPruningModifier: not supported under DeepSpeed"):
-        fire(recipe.modifiers, Event.INIT, state)
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+
+
+def test_non_linear_weight_is_refused_under_zero3_at_init():
+    model = nn.Module()
+    model.emb = nn.Embedding(4, 16)
+    modifier = OBSPruningModifier(params=["emb.weight"], init_sparsity=0.5, final_sparsity=0.5, start_epoch=0.0,
+                                  end_epoch=0.0, update_frequency=1.0, fisher_block_size=16)
+    modifier.validate()
+    state = State(model=model, steps_per_epoch=1, accelerator=deepspeed_accelerator(3))
+    with pytest.raises(RecipeError, match=r"OBSPruningModifier: params: emb.weight is not an nn.Linear weight: under"):
+        fire([modifier], Event.INIT, state)
+    fire([modifier], Event.INIT, State(model=model, steps_per_epoch=1, accelerator=deepspeed_accelerator(2)))
+
+
+def test_linear_gradients_from_inputs_and_outputs_equal_autograd():
+    """weight_grads' ``grad_out^T @ input`` against autograd's weight gradients on a tiny BERT (3-D
+    inputs, Q/K/V reading one input): bitwise on CPU; an embedding goes through autograd itself. No
+    parameter's .grad is written."""
+    from conftest import tiny_bert
+    from distsparse.modifiers.obs import weight_grads
+
+    model = tiny_bert().eval()
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 30522, (4, 12), generator=g), "labels": torch.tensor([0, 1, 1, 0])}
+    names = [n for n, p in model.named_parameters() if n.startswith("bert.encoder") and p.dim() == 2]
+    names.append("bert.embeddings.word_embeddings.weight")
+    params = dict(model.named_parameters())
+    expected = torch.autograd.grad(model(**batch).loss, [params[n] for n in names])
+    got = weight_grads(model, batch, names)
+    assert len(names) == 13 and all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_owners_by_size_balances_whole_tensors(monkeypatch):
+    from distsparse import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    assert distributed.owners_by_size([10, 40, 30, 30, 5, 5]) == [1, 0, 1, 2, 2, 2]  # 40 each
+    monkeypatch.setattr(distributed, "SYNC", False)  # without rank sync each rank keeps everything itself
+    monkeypatch.setattr(distributed, "rank", lambda: 2)
+    assert distributed.owners_by_size([10, 40]) == [2, 2]
 
 
 def test_unused_sampler_key_warns():
@@ -287,6 +325,72 @@ def test_two_ranks_equal_one_process_with_the_union_of_their_samples(tmp_path):
     single = one_shot(model, 0.5, batches=batches_of(x, y, 16), num_grads=32)  # batches 0..31: both ranks' samples
     assert torch.equal(single.masks["lin.weight"], rank0["keep"])
     torch.testing.assert_close(model.lin.weight.detach(), rank0["weight"], rtol=1e-4, atol=1e-4)  # float32 sums, another order
+
+
+class ThreeLayers(nn.Module):
+    """y = C relu(B relu(A x)), MSE: three Linear weights of 192, 96 and 32 elements."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.a, self.b = nn.Linear(16, 12, bias=False), nn.Linear(12, 8, bias=False)
+        self.c = nn.Linear(8, 4, bias=False)
+
+    def forward(self, x, y):
+        return SimpleNamespace(loss=((self.c(self.b(self.a(x).relu()).relu()) - y) ** 2).mean())
+
+
+def _sharded_and_replicated_on_rank(rank: int, port: int, out: str) -> None:
+    """A spawned rank: the same one-shot step with its half of 31 samples, replicated (as DDP) and
+    sharded (as under ZeRO-2: whole tensors owned by ranks), and sharded with one tensor for two ranks."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    x, y, _ = regression_data()
+    batches = batches_of(x, y, 16)[rank::2]
+    results = {}
+    for mode, accelerator, params in (("replicated", None, ["a.weight", "b.weight", "c.weight"]),
+                                      ("sharded", deepspeed_accelerator(2), ["a.weight", "b.weight", "c.weight"]),
+                                      ("one tensor", deepspeed_accelerator(2), ["a.weight"])):
+        model = ThreeLayers()
+        modifier = OBSPruningModifier(params=params, init_sparsity=0.6,
+                                      final_sparsity=0.6, start_epoch=0.0, end_epoch=0.0, update_frequency=1.0,
+                                      global_sparsity=True, num_grads=31, fisher_block_size=8, damp=DAMP,
+                                      grad_sampler_kwargs={"batch_size": 16})
+        state = State(model=model, steps_per_epoch=1, accelerator=accelerator,
+                      grad_batches=lambda size: itertools.cycle(batches))
+        fire([modifier], Event.INIT, state)
+        fire([modifier], Event.BATCH_START, state)
+        results[mode] = {"masks": dict(modifier.masks), "weights": {n: p.detach() for n, p in model.named_parameters()},
+                         "fisher_elements": state.logs["obs/fisher_elements"]}
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_fisher_keeps_owned_blocks_and_prunes_as_replicated(tmp_path):
+    """Sharded, each rank holds the Fisher blocks of the tensors it owns only (rank 0: a, 192
+    weights; rank 1: b and c, 128), yet both ranks end with the replicated run's masks, bitwise,
+    and its weights up to float32 summation order (the owner adds both ranks' outer products where
+    replicated ranks add their own and all-reduce). 31 samples: rank 1's 16th forward counts zero."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_and_replicated_on_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["replicated"]["fisher_elements"] for r in ranks] == [320 * 8] * 2
+    assert [r["sharded"]["fisher_elements"] for r in ranks] == [192 * 8, 128 * 8]
+    for mode in ("replicated", "sharded", "one tensor"):
+        for key in ("masks", "weights"):
+            assert all(torch.equal(v, ranks[1][mode][key][n]) for n, v in ranks[0][mode][key].items()), (mode, key)
+    assert [r["one tensor"]["fisher_elements"] for r in ranks] == [192 * 8, 0]  # rank 1 owns nothing
+    assert int((~ranks[0]["one tensor"]["masks"]["a.weight"]).sum()) == round(0.6 * 192)
+    replicated, sharded = ranks[0]["replicated"], ranks[0]["sharded"]
+    assert all(torch.equal(m, sharded["masks"][n]) for n, m in replicated["masks"].items())
+    assert sum(int((~m).sum()) for m in sharded["masks"].values()) == round(0.6 * 320)
+    for name, weight in replicated["weights"].items():
+        torch.testing.assert_close(sharded["weights"][name], weight, rtol=1e-4, atol=1e-5)
+    start = ThreeLayers()
+    assert any((sharded["weights"][n] - p.detach())[sharded["masks"][n]].abs().max() > 1e-2
+               for n, p in start.named_parameters())  # the OBS update moved kept weights
 
 
 # -- 2 real gloo ranks --------------------------------------------------------------------------------------
@@ -330,14 +434,50 @@ def test_two_ranks_hold_the_same_obs_masks_and_weights(obs_job):
     assert pruned == pytest.approx(0.8, abs=1e-3)
 
 
-def test_check_names_an_obs_tensor_without_rank_sync(obs_job):
-    proc, _ = obs_job.launch("obs-nosync", "ddp", "--save_strategy", "no", "--teacher", "disable",
+@pytest.mark.parametrize("backend", ["ddp", pytest.param("zero3", marks=pytest.mark.slow)])
+def test_check_names_an_obs_tensor_without_rank_sync(obs_job, backend):
+    """Without rank sync each rank prunes from its own samples (under ZeRO it owns every tensor)."""
+    proc, _ = obs_job.launch(f"obs-nosync-{backend}", backend, "--save_strategy", "no", "--teacher", "disable",
                              "--debug_disable_rank_sync")
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
     found = re.search(r"rank consistency: FAILED: (\S+) differs between rank 0 and rank 1", log)
     assert found, log[-3000:]
     assert re.fullmatch(r"OBSPruningModifier\[\d+\]\.masks\.bert\.encoder\..*dense\.weight", found[1]), found[1]
+
+
+@pytest.mark.parametrize("backend", ["zero3", pytest.param("zero2", marks=pytest.mark.slow)])
+def test_zero_runs_prune_like_ddp_and_reach_the_master_weights(obs_job, backend):
+    """The same recipe and samples under ZeRO-3 (no parameter whole between steps) and ZeRO-2: masks
+    bitwise equal on both ranks and to the DDP run's, the schedule's sparsity reached, the pruned
+    weights zero in the saved model and in DeepSpeed's fp32 masters after further steps, and the kept
+    weights where DDP's are (so the OBS update reached the masters: without it they would differ by
+    the update, far more than the tolerance)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from test_distributed import masks_of, ok, rank_states
+
+    ddp, ddp_out = obs_job.launch("obs", "ddp", "--save_strategy", "no", "--teacher", "disable")
+    ok(ddp)
+    proc, out = obs_job.launch(f"obs-{backend}", backend, "--save_strategy", "epoch", "--teacher", "disable")
+    ok(proc)
+    assert "rank consistency: OK" in proc.stdout
+    # Rank 0 holds the Fisher blocks of the 3 of 6 tensors it owns (half the elements); with DDP, all.
+    assert set(re.findall(r"obs/fisher_elements=(\S+)", proc.stdout)) == {"4.096e+04"}
+    assert set(re.findall(r"obs/fisher_elements=(\S+)", ddp.stdout)) == {"8.192e+04"}
+    rank0, rank1 = rank_states(out)
+    assert [k for k in rank0 if not torch.equal(rank0[k], rank1[k])] == []
+    masks, ddp_masks = masks_of(rank0), masks_of(rank_states(ddp_out)[0])
+    assert masks.keys() == ddp_masks.keys() and len(masks) == 6
+    assert [n for n in masks if not torch.equal(masks[n], ddp_masks[n])] == []
+    pruned = sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert pruned == pytest.approx(0.8, abs=1e-3)
+    model, ddp_model = load_file(str(out / "model.safetensors")), load_file(str(ddp_out / "model.safetensors"))
+    start = load_file(str(obs_job.model / "model.safetensors"))
+    master = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-8" / "training_state"), tag="pytorch_model")
+    for name, keep in masks.items():
+        assert not model[name][~keep].any() and not master[name][~keep].any(), name
+        torch.testing.assert_close(model[name], ddp_model[name], rtol=0, atol=1e-5, msg=name)
+        assert (model[name] - start[name])[keep].abs().max() > 1e-3, name  # moved (OBS update and training)
 
 
 # -- slow tier: obs80.yaml trains the real MiniLM on SST-2, 1 and 2 real gloo ranks ---------------------------
