@@ -53,6 +53,7 @@ def test_step_overhead(step_overhead):
     assert "| qat |" in printed and "| teacher_forward |" in printed and "--tiny" in printed
 
 
+@pytest.mark.slow  # 30 s: profiles a step of the bench's job
 def test_step_overhead_profile(tmp_path):
     out = tmp_path / "profile.json"
     proc = bench("step_overhead.py", "--profile", "qat", "--profile_steps", "1", "--out", str(out))
@@ -61,6 +62,7 @@ def test_step_overhead_profile(tmp_path):
     assert "aten::" in proc.stdout
 
 
+@pytest.mark.slow  # 30-60 s: launches 2 ranks; the sync code itself is tested in tests/test_distributed.py
 def test_rank_sync(tmp_path):
     out = tmp_path / "rank_sync.json"
     proc = bench("rank_sync.py", "--out", str(out))
@@ -80,6 +82,7 @@ def test_rank_sync(tmp_path):
     assert "| mask_broadcast |" in proc.stdout
 
 
+@pytest.mark.slow  # 70 s: four trainings and an export
 def test_accuracy_then_deploy(tmp_path):
     """Benchmark 3's sparse QAT model is benchmark 4's input, as in the real sequence."""
     out, work = tmp_path / "accuracy.json", tmp_path / "sst2"

@@ -205,7 +205,7 @@ def losses(out: Path) -> dict[int, float]:
     return {row["step"]: row["train/loss"] for row in history if "train/loss" in row}
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.slow), 2])  # both take the same resume path
 def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(files, tmp_path, ranks):
     """N steps == k steps + kill -9 + resume: final weights, optimizer state, qparams and every step's
     loss bitwise equal, with dropout on, resumed mid-epoch after the QAT observers started."""
