@@ -132,6 +132,7 @@ def test_cpu_config_launches_two_processes_that_all_reduce(tmp_path, name, env):
         assert (f"rank {rank} holds 0.50 of the teacher" in out) == (kind == "DEEPSPEED"), out[-3000:]
 
 
+@pytest.mark.slow  # the same config and resume path as test_preemption's mid-epoch resume by two processes
 def test_cpu_2proc_trains_and_resumes_a_one_process_checkpoint(tmp_path, tiny_model_dir, capsys):
     """The training job under the 2-process config, resuming a checkpoint written by one process:
     steps per epoch halve, and the run continues at the same epoch with the same LR schedule."""

@@ -40,7 +40,7 @@ def command(files, out, *extra) -> list[str]:
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])  # one handler
 def test_signal_checkpoints_and_resume_finishes(files, tmp_path, sig):
     out = tmp_path / "out"
     proc = subprocess.Popen(command(files, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
