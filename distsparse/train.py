@@ -448,8 +448,15 @@ def finish(run: Run) -> dict:
             report.write_report(out, trainer_state(run), run.config, accelerator, say=accelerator.print)
         quantized = any(fq.enabled for _, fq in fake_quants(state.model))
         print(result_table(run.metrics, sparsity, quantized, args.output_dir))
-    accelerator.end_training()
+    end_together(accelerator)
     return run.metrics
+
+
+def end_together(accelerator) -> None:
+    """Every rank tears its process group down together: a rank that leaves while rank 0 still writes
+    files can abort in the collective library's threads (seen once under ZeRO-3 on gloo)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def predict(run: Run, out: Path) -> None:
@@ -496,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = setup(parse_args(argv))
         if run.args.do_train and not train(run):  # preempted: checkpoint written, exit for requeue
-            run.accelerator.end_training()
+            end_together(run.accelerator)
             return 0
         finish(run)
         return 0
