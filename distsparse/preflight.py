@@ -49,9 +49,6 @@ def check_flags(args) -> None:
                 args.save_strategy == "steps" and args.save_steps % eval_every):
             raise UserError("--load_best_model_at_end: needs --save_strategy equal to --eval_strategy (not 'no'), "
                             "and --save_steps a multiple of --eval_steps")
-        if args.do_predict and args.do_train:  # the loop holds the last model, not the best checkpoint's
-            raise UserError("--load_best_model_at_end with --do_predict: predict in a second run, "
-                            "--do_predict --model_name_or_path OUTPUT_DIR (the best model saved there)")
 
 
 def check_output_dir(output_dir: str, model_bytes: int) -> None:

@@ -205,20 +205,26 @@ def guard_output_dir(args, accelerator) -> None:
 
 
 def resume(run: Run, path: Path) -> None:
-    """Load a verified checkpoint: Accelerate's files, then our counters and the modifiers' state."""
-    accelerator, state = run.accelerator, run.state
+    """Continue from a verified checkpoint: its weights, optimizer and modifiers, then our counters."""
+    progress = load_checkpoint(run, path)
+    state = run.state
+    # Another world size or batch changes steps per epoch: keep the same epoch position.
+    state.step = round(progress["step"] * state.steps_per_epoch / progress["steps_per_epoch"])
+    run.log_history, run.tracking_ids = progress["log_history"], progress["tracking_ids"]
+    run.accelerator.print(f"resumed from {path} at step {state.step}")
+
+
+def load_checkpoint(run: Run, path: Path) -> dict:
+    """Accelerate's files (weights, optimizer, RNG) and the modifiers' state (masks, scales, QAT
+    switches) of a checkpoint into the running job, on every rank; returns its saved progress."""
     try:
         saved = checkpoint.load_state(path / checkpoint.TRAINING_STATE)
-        accelerator.load_state(str(path / checkpoint.TRAINING_STATE))
+        run.accelerator.load_state(str(path / checkpoint.TRAINING_STATE))
     except Exception as err:  # verified files that still do not load (e.g. another model): one line
         raise checkpoint.CheckpointError(f"{path}: cannot be loaded: {type(err).__name__}: "
                                          f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}") from None
     checkpoint.load_recipe_state(run.recipe, saved["recipe"], path)
-    progress = saved["progress"]
-    # Another world size or batch changes steps per epoch: keep the same epoch position.
-    state.step = round(progress["step"] * state.steps_per_epoch / progress["steps_per_epoch"])
-    run.log_history, run.tracking_ids = progress["log_history"], progress["tracking_ids"]
-    accelerator.print(f"resumed from {path} at step {state.step}")
+    return saved["progress"]
 
 
 # -- one step ---------------------------------------------------------------------------------------------
@@ -433,8 +439,10 @@ def finish(run: Run) -> dict:
     out = Path(args.output_dir)
     if args.do_train and run.best:
         run.metrics = run.best[2]
+        best = out / f"{checkpoint.CHECKPOINT_PREFIX}{run.best[1]}"
+        load_checkpoint(run, best)  # what follows (predictions, sparsity) is the saved model's
         if accelerator.is_main_process:
-            checkpoint.copy_model_files(out / f"{checkpoint.CHECKPOINT_PREFIX}{run.best[1]}", out)
+            checkpoint.copy_model_files(best, out)
             accelerator.print(f"best model: step {run.best[1]} ({run.best[0]:.4f})")
     elif args.do_train:
         write_model(run, out)

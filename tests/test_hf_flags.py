@@ -5,6 +5,7 @@ overrides a flag the user gave, and the README's run_glue.py-style command."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 import pytest
@@ -60,31 +61,39 @@ def job(tmp_path, tiny_model_dir):
 
 
 def test_results_files_best_model_and_eval_only(job, tmp_path, capsys):
+    """The best checkpoint becomes the saved model and the one that predicts (as HF's Trainer reloads it)."""
+    dev = str(tmp_path / "dev.csv")
+    # At LR 0.03 the eval loss goes 0.728, 0.703, 0.712 and the model predicts all 1, then all 0: with the
+    # highest loss as "best", step 6 wins and coming back to it changes every prediction.
     assert cli(job("out", "--do_train", "--do_eval", "--fp16", "False", "--learning_rate", "0.01",
-                   "--load_best_model_at_end", "True", "--metric_for_best_model", "loss",
-                   "--save_total_limit", "1")) == 0
+                   "--load_best_model_at_end", "True", "--metric_for_best_model", "loss", "--greater_is_better", "True",
+                   "--save_total_limit", "1", "--do_predict", "--test_file", dev, "--recipe_args", "init_lr=0.03")) == 0
     printed = capsys.readouterr().out
     assert "--learning_rate 0.01: the recipe's LearningRateFunctionModifier sets it instead" in printed
     out = tmp_path / "out"
-    state = json.loads((out / "trainer_state.json").read_text())
-    evals = {row["step"]: row["eval/loss"] for row in state["log_history"] if "eval/loss" in row}
+    evals = {int(step): float(loss) for step, loss in re.findall(r"^step (\d+) eval/loss=(\S+)", printed, re.M)}
     assert sorted(evals) == [6, 12, 18]
-    best_step = min(evals, key=evals.get)
-    assert f"best model: step {best_step}" in printed
+    best_step = max(evals, key=evals.get)
+    assert best_step == 6 and f"best model: step {best_step}" in printed
     assert (out / f"checkpoint-{best_step}").is_dir()  # kept despite --save_total_limit 1
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == best_step  # its files were copied
+    predicted = {line.split("\t")[1] for line in (out / "predict_results_text-classification.txt").read_text().splitlines()[1:]}
+    assert predicted == {"1"}  # step 6's model (the last one predicts 0 everywhere)
     results = json.loads((out / "eval_results.json").read_text())
-    assert results["eval_loss"] == pytest.approx(evals[best_step]) and results["eval_samples"] == 20
+    assert results["eval_loss"] == pytest.approx(evals[best_step], abs=1e-4) and results["eval_samples"] == 20
     train_results = json.loads((out / "train_results.json").read_text())
     assert train_results["global_step"] == 18 and train_results["train_samples"] == 48
     assert json.loads((out / "all_results.json").read_text()) == {**train_results, **results}
 
-    # Eval only, on the saved QAT model: its own recipe and scales, the same numbers as at that step.
+    # Eval only, on the saved QAT model: its own recipe and scales, the same numbers as at that step,
+    # and the same predictions as the training run made after coming back to that step.
     assert cli(["train", "--do_eval", "--model_name_or_path", str(out), *job("eval")[5:9],
-                "--output_dir", str(tmp_path / "eval"), "--max_seq_length", "32"]) == 0
+                "--output_dir", str(tmp_path / "eval"), "--max_seq_length", "32", "--do_predict", "--test_file", dev]) == 0
     again = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert again["eval_loss"] == pytest.approx(results["eval_loss"], abs=1e-5)
     assert again["eval_accuracy"] == results["eval_accuracy"]
+    predictions = "predict_results_text-classification.txt"
+    assert (tmp_path / "eval" / predictions).read_text() == (out / predictions).read_text()
     assert not (tmp_path / "eval" / "train_results.json").exists() and not (tmp_path / "eval" / "model.safetensors").exists()
 
 
@@ -112,14 +121,12 @@ def test_predict_after_training_and_from_the_saved_qat_model(job, tmp_path, caps
     assert [p.name for p in (tmp_path / "p").iterdir()] == ["predict_results_text-classification.txt"]
 
 
-@pytest.mark.parametrize("case", ["no test file", "best model", "qa"])
+@pytest.mark.parametrize("case", ["no test file", "qa"])
 def test_predict_refusals(job, tmp_path, capsys, case):
     extra = {"no test file": ["--do_predict"],
-             "best model": ["--do_train", "--do_predict", "--test_file", "x.csv", "--load_best_model_at_end"],
              "qa": ["--do_predict", "--task", "question-answering", "--train_file", str(FIXTURES / "squad_tiny.json"),
                     "--test_file", str(FIXTURES / "squad_tiny.json")]}[case]
     message = {"no test file": "--do_predict: pass --test_file",
-               "best model": "--load_best_model_at_end with --do_predict: predict in a second run",
                "qa": "--do_predict: --task question-answering writes no predictions"}[case]
     assert cli(job("x", *extra)) == 2
     assert message in capsys.readouterr().err
