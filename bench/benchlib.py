@@ -6,12 +6,15 @@ variants round-robin (A B C A B C ...) and reports medians and ratios, never a s
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -168,6 +171,60 @@ def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) 
             "labels": torch.randint(0, 2, (batch_size,), generator=g)}
 
 
+# -- child processes -------------------------------------------------------------------------------------
+KILL_GRACE_SECONDS = 5.0
+_children: set[subprocess.Popen] = set()
+
+
+def run_child(cmd: list[str], timeout: float | None = None, **popen) -> subprocess.CompletedProcess:
+    """``subprocess.run``, with the child in a process group of its own that is stopped whole
+    (SIGTERM, SIGKILL after ``KILL_GRACE_SECONDS``) when this call ends early: an exception, a
+    timeout, Ctrl-C, or SIGTERM/SIGHUP to the benchmark (turned into SystemExit). A training job
+    starts dataloader workers and ranks of its own; killing only the child would orphan them, and
+    a stopped benchmark must leave nothing training. (A SIGKILLed benchmark cannot clean up: kill
+    the group, ``kill -- -PGID``, which is the child's pid.)"""
+    _exit_on_termination()
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+    _children.add(proc)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.returncode is None:
+            _stop_group(proc)
+        _children.discard(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(KILL_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(proc.pid, signal.SIGKILL)  # what ignored SIGTERM, or outlived the child
+    except ProcessLookupError:
+        pass  # the group is gone
+    proc.wait()
+
+
+def _stop_all() -> None:
+    for proc in list(_children):
+        _stop_group(proc)
+
+
+def _exit_on_termination() -> None:
+    """SIGTERM/SIGHUP (where nobody else handles them) exit through ``finally`` and ``atexit``."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
+
+
+atexit.register(_stop_all)
+
+
 # -- the real job ----------------------------------------------------------------------------------------
 def run_job(cmd: list[str], out: Path, environ: dict, bench: str, name: str) -> tuple[dict, float]:
     """Run one ``distsparse train`` command into ``out`` (its log in train.log); its trainer_state and seconds.
@@ -177,7 +234,7 @@ def run_job(cmd: list[str], out: Path, environ: dict, bench: str, name: str) -> 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(out / "train.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=environ)
+        proc = run_child(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=environ)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         print((out / "train.log").read_text()[-3000:])

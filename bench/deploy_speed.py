@@ -97,7 +97,7 @@ def tiny_qat_model(folder: Path) -> Path:
 def export(model_dir: Path, out: Path, threads: int) -> Path:
     cmd = [sys.executable, "-m", "distsparse.cli", "export", "--model_path", str(model_dir), "--output_dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run(cmd, cwd=bl.ROOT, env=env, capture_output=True, text=True)
+    proc = bl.run_child(cmd, cwd=bl.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         sys.exit(f"deploy_speed: {' '.join(cmd[1:])} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return out / "model.onnx"
@@ -202,7 +202,7 @@ def seed_model(args, work: Path) -> Path:
     print(f"deploy_speed: training {out} ({args.train_rows} rows x {args.epochs:g} epochs) ...", flush=True)
     t0 = time.perf_counter()
     with open(work / "train.log", "w") as log:
-        proc = subprocess.run([sys.executable, *cmd], cwd=bl.ROOT, stdout=log, stderr=subprocess.STDOUT,
+        proc = bl.run_child([sys.executable, *cmd], cwd=bl.ROOT, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if proc.returncode != 0:
         sys.exit(f"deploy_speed: training failed, see {work / 'train.log'}")

@@ -25,7 +25,6 @@ import re
 import resource
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -114,7 +113,7 @@ def launch_step(args, model_dir: Path, work: Path) -> list[dict]:
            __file__, "--worker", str(work), *sys.argv[1:]]
     environ = dict(env(args), ACCELERATE_USE_CPU="true", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
                    HF_HOME=str(work / "hf"), OMP_NUM_THREADS=str(max(1, (args.threads or os.cpu_count() or 2) // 2)))
-    proc = subprocess.run(cmd, cwd=bl.ROOT, env=environ, timeout=args.timeout)
+    proc = bl.run_child(cmd, cwd=bl.ROOT, env=environ, timeout=args.timeout)
     if proc.returncode != 0:
         sys.exit(f"obs_sst2: the 2-rank step failed (exit {proc.returncode})")
     return [json.loads((work / f"step_rank{r}.json").read_text()) for r in (0, 1)]

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -41,7 +40,7 @@ def launch(args) -> dict:
                __file__, "--worker", str(raw), *sys.argv[1:]]
         env = dict(os.environ, ACCELERATE_USE_CPU="true", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
                    HF_HOME=str(Path(tmp) / "hf"), OMP_NUM_THREADS=str(args.threads))
-        proc = subprocess.run(cmd, cwd=bl.ROOT, env=env, timeout=args.timeout)
+        proc = bl.run_child(cmd, cwd=bl.ROOT, env=env, timeout=args.timeout)
         if proc.returncode != 0:
             sys.exit(f"rank_sync: the 2-rank worker failed (exit {proc.returncode})")
         return json.loads(raw.read_text())

@@ -9,7 +9,9 @@ BENCHMARKS.md holds measured numbers only.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import re
 from pathlib import Path
 
 import accuracy_sst2
@@ -89,6 +91,15 @@ def section(name: str, title: str, module, command: str, targets: str, result: d
 
 
 NOTES_MARKER = "<!-- analysis: kept by bench/report.py -->"
+NUMBERED = re.compile(r"^## (\d+)[a-z]?\. ", re.M)
+
+
+def numbered_after(notes: str, generated: str) -> str:
+    """The hand-written notes' numbered sections ("## 5. Export parity ...") renumbered to continue
+    after the generated ones, so adding a benchmark section never gives two sections one number."""
+    last = max((int(n) for n in NUMBERED.findall(generated)), default=0)
+    numbers = itertools.count(last + 1)
+    return re.sub(r"^## \d+\. ", lambda m: f"## {next(numbers)}. ", notes, flags=re.M)
 
 
 def render(results: Path) -> str:
@@ -109,7 +120,8 @@ def main() -> None:
     out = Path(args.out)
     # Hand-written analysis below the marker survives regeneration.
     notes = out.read_text().partition(NOTES_MARKER)[2] if out.is_file() else ""
-    out.write_text(render(Path(args.results)) + (f"\n{NOTES_MARKER}{notes}" if notes else ""))
+    generated = render(Path(args.results))
+    out.write_text(generated + (f"\n{NOTES_MARKER}{numbered_after(notes, generated)}" if notes else ""))
     print(f"written {args.out}")
 
 

@@ -216,3 +216,61 @@ def test_deploy_side_by_side(tmp_path, tiny_model_dir):
     acc = result["accuracy"]
     assert acc["distsparse"] == acc["other"] and abs(acc["distsparse"] - acc["pytorch_fake_quant"]) <= 0.005
     assert len(result["targets"]) == 4 and "| SST-2 dev accuracy (200 rows) |" in proc.stdout
+
+
+def test_report_numbers_hand_written_sections_after_its_own(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import report
+
+    generated = "## 4. Deployed\n\n## 4b. Side by side\n\n## 5. OBS\n"
+    notes = "\n## 5. Export parity\n\ntext ## 9. inline\n\n## 6. `recipe check`\n\n## What limits the misses\n"
+    assert report.numbered_after(notes, generated) == (
+        "\n## 6. Export parity\n\ntext ## 9. inline\n\n## 7. `recipe check`\n\n## What limits the misses\n")
+
+
+CHILD = """
+import os, subprocess, sys, time
+grandchild = subprocess.Popen(["sleep", "120"])  # as a training job's dataloader workers or ranks
+open(sys.argv[1], "w").write(f"{os.getpid()} {grandchild.pid}")
+time.sleep(120)
+"""
+PARENT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import benchlib
+benchlib.run_child([sys.executable, "-c", sys.argv[2], sys.argv[3]])
+"""
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie left for an init that does not reap."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_stopped_benchmark_leaves_no_child_running(tmp_path, sig):
+    """bench.run_child: the child runs in its own process group, and the whole group (the child and
+    what it started) is stopped when the benchmark gets SIGTERM or Ctrl-C."""
+    import signal
+    import time
+
+    pids, started = tmp_path / "pids", []
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(BENCH), CHILD, str(pids)], env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pids.is_file() and pids.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started = child, grandchild = [int(pid) for pid in pids.read_text().split()]
+        assert os.getpgid(child) == child != os.getpgid(parent.pid)  # a group of its own
+        parent.send_signal(getattr(signal, sig))
+        assert parent.wait(timeout=30) != 0
+        assert not alive(child) and not alive(grandchild)
+    finally:
+        parent.kill()
+        for pid in started:
+            if alive(pid):
+                os.kill(pid, 9)

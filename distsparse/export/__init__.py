@@ -2,7 +2,7 @@
 
 - ``build``: rebuild the trained model (weights, QAT structure, scales) and trace it to ONNX;
   the task table ``EXPORT_TASKS`` says what each task exports.
-- ``graph``: ONNX graph surgery (int8 weight initializers, row-gathered embeddings) and lookups.
+- ``graph``: ONNX graph surgery (int8 weight initializers, row-gathered embeddings, compact names) and lookups.
 - ``verify``: the checks against the PyTorch model, the parity tolerance rule, and the re-check
   of a deployment folder (``distsparse verify``).
 - ``cli``: the two commands.

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import UserError
 from ..fake_quant import freeze_
 from ..savedmodel import QUANT_FILE, RECIPE_FILE, from_pretrained, load_quantization
-from .graph import store_int8_weights
+from .graph import compact, store_int8_weights
 
 
 @dataclass(frozen=True)
@@ -146,5 +146,6 @@ def export_onnx(model: nn.Module, task: ExportTask, samples: dict[str, torch.Ten
                           dynamo=False, do_constant_folding=False)
     graph = onnx.load(str(path))
     store_int8_weights(graph)
+    compact(graph)
     onnx.checker.check_model(graph)
     onnx.save(graph, str(path))

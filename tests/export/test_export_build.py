@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification
 from distsparse.cli import main as cli
 from distsparse.export import EXPORT_TASKS, ExportCheckError, check_export, export_main as export, load_trained, sample_inputs
 from distsparse.export.graph import OnnxGraph
-from export_helpers import QAT_RECIPE, skip_input_qdq, train_by_hand
+from export_helpers import QAT_RECIPE, replace_initializer, skip_input_qdq, train_by_hand
 
 TEXT = EXPORT_TASKS["text-classification"]
 
@@ -96,6 +96,59 @@ def test_dense_fp32_export_is_plain_and_exact(exported):
     # int8 weights: 1/4 of fp32, plus a 4-byte scale per row of 32 here (per row of 384 in MiniLM)
     qat_bytes = (exported["qat"][1] / "model.onnx").stat().st_size
     assert qat_bytes < 0.32 * (deploy / "model.onnx").stat().st_size
+
+
+def expected_initializer_bytes(model) -> int:
+    """What the int8 file must hold for ``model``, nothing more: per quantized weight its int8
+    levels and one fp32 scale per row; per distinct Linear row count one shared all-zero int8
+    zero point; every other parameter in fp32; and the one int64 axes tensor of the row gathers."""
+    from distsparse.fake_quant import QuantEmbedding, QuantLinear
+
+    quantized = {id(m.weight): m for m in model.modules()
+                 if isinstance(m, (QuantLinear, QuantEmbedding)) and m.weight_quant.enabled}
+    total = 8
+    for p in {id(p): p for p in model.parameters()}.values():
+        total += p.numel() + 4 * p.shape[0] if id(p) in quantized else 4 * p.numel()
+    return total + sum({m.weight.shape[0] for m in quantized.values() if isinstance(m, QuantLinear)})
+
+
+def test_int8_file_holds_no_byte_beyond_the_model(exported):
+    """The file's size, as a property: initializers are exactly the model's numbers (no duplicate, no
+    per-weight copy of an all-zero zero point), no two Constant nodes hold one value, and values
+    between nodes have short names while the nodes keep their module paths."""
+    trained, deploy = exported["qat"]
+    model, _, _ = load_trained(trained)
+    proto = onnx.load(str(deploy / "model.onnx"))
+    graph = proto.graph
+    arrays = [numpy_helper.to_array(t) for t in graph.initializer]
+    assert sum(a.nbytes for a in arrays) == expected_initializer_bytes(model)
+    contents = [(a.dtype.str, a.shape, a.tobytes()) for a in arrays]
+    assert len(set(contents)) == len(contents)  # no initializer twice
+    zero_points = {n.input[2] for n in graph.node if n.op_type == "DequantizeLinear"
+                   and n.input[0].endswith("weight_quantized")}
+    assert zero_points == {"zero_point_int8_32", "zero_point_int8_64", "zero_point_int8_2"}
+    constants = [n.attribute[0].t.SerializeToString() for n in graph.node if n.op_type == "Constant"]
+    assert len(set(constants)) == len(constants)
+    outer = {v.name for v in graph.output} | {t.name for t in graph.initializer}
+    inner = [o for n in graph.node for o in n.output if o not in outer]
+    assert inner and all(len(o) <= 5 and o.startswith("t") for o in inner)
+    assert all(n.name for n in graph.node)
+    (lookup,) = [n.name for n in graph.node if "model.bert.embeddings.word_embeddings.weight_quantized" in n.input]
+    assert lookup == "/model/bert/embeddings/word_embeddings/Gather_int8"
+    # the serialized graph beyond its raw numbers (nodes, names, tensor headers): 41 KB here, 98 KB
+    # with the exporter's value names and repeated Constant nodes
+    assert len(proto.SerializeToString()) - sum(a.nbytes for a in arrays) < 60_000
+
+
+def test_a_changed_shared_zero_point_is_caught(qat_model, tmp_path):
+    """The weight check reads each zero point where its DequantizeLinear does, not by name."""
+    model, samples, path = qat_model
+
+    def shift(graph):
+        replace_initializer(graph, "zero_point_int8_64", lambda z: z + 1)
+
+    with pytest.raises(ExportCheckError, match=r"intermediate.dense.weight: sparsity .* in the ONNX file"):
+        check_export(tampered(path, tmp_path, shift), model, TEXT, samples, atol=0.05)
 
 
 @pytest.fixture(scope="module")
