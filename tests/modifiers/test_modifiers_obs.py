@@ -403,7 +403,7 @@ pruning_modifiers:
     init_sparsity: 0.5
     final_sparsity: 0.8
     update_frequency: 0.5
-    num_grads: 32
+    num_grads: 8
     fisher_block_size: 8
     damp: 1e-7
     grad_sampler_kwargs:
