@@ -9,6 +9,10 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# pytest-xdist workers; a file's tests stay on one worker (module fixtures, the one Slurm cluster).
+# Each multi-rank test starts its own processes, so more workers than cores only queue them.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-slow wheel-check
 
@@ -26,10 +30,10 @@ demo: setup
 
 test: setup
 	bash scripts/start_slurm.sh || echo "slurm not started: the slurm tests will skip"
-	$(PY) -m pytest -q -ra
+	$(PYTEST)
 
 test-slow: setup
-	DISTSPARSE_SLOW=1 $(PY) -m pytest -q -ra -m slow
+	DISTSPARSE_SLOW=1 $(PYTEST) -m slow
 
 # The built wheel, installed with [all] into a fresh venv, runs from outside the repository.
 wheel-check:
