@@ -193,7 +193,8 @@ def table(result: dict) -> str:
     if result["runs"]:
         parts.append(bl.markdown(["pruning", "dev accuracy", "encoder sparsity", "steps", "train min"],
                                  [[n.upper(), f"{r['accuracy']:.2%}", f"{r['encoder_sparsity']:.1%}", r["steps"],
-                                   f"{r['train_seconds'] / 60:.1f}"] for n, r in result["runs"].items()]))
+                                   f"{r['train_seconds'] / 60:.1f}" if "train_seconds" in r else "not timed"]
+                                  for n, r in result["runs"].items()]))
     if result["step"]:
         phases = list(result["step"]["1"][0]["phases"])
         rows = []
