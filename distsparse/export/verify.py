@@ -11,7 +11,7 @@ Against the PyTorch model it came from (``check_export``, at export time):
 The parity tolerance follows from the model (unless ``--atol`` is given):
 
     tolerance = 1e-4 x max(1, max |output|)                          float32 arithmetic
-              + 2 x (s_in x max_c sum_j |W[c, j]|  +  s_out)         two quantization levels
+              + 4 x (s_in x max_c sum_j |W[c, j]|  +  s_out)         four quantization levels
 
 where the output layer is the Linear whose result the model returns (classifier, qa_outputs, the
 masked-LM decoder; an output may be one slice of its last axis, as QA's start and end logits), W
@@ -23,9 +23,11 @@ PyTorch one, but its float sums round differently, and its QDQ fusions (graph op
 EXTENDED and up, on by default) compute in integer kernels, so activations can land levels apart.
 Measured on a 70%-sparse MiniLM after 16 steps of seed-shaped QAT (256 SST-2 rows) on an AVX2
 CPU: max diff 0.0094 with the default optimizations, 0.00043 with them off, against one level =
-0.0114; hence a margin of two levels. Seen since (issue 18), within one level: a tiny QA model
-trained with squad_sparse_transfer.yaml, 0.0126 against one level = 0.0172 (it had been refused
-at 0.0111 = 2% of its output range: the split start/end logits hid qa_outputs). A model quantized
+0.0114; a tiny QA model trained with squad_sparse_transfer.yaml, 0.0126 against one level =
+0.0172 (it had been refused at 0.0111 = 2% of its output range: the split start/end logits hid
+qa_outputs). Trained longer the gap grows: the same MiniLM after the seed's schedule on 2,000
+SST-2 rows x 3 epochs, 0.130 against one level = 0.041 (3.1 levels, refused at the two levels used
+until then); hence a margin of four levels. A model quantized
 everywhere except its output layer cannot be bounded that way; it gets 2% of the outputs' range
 on the samples. An fp32 model gets the
 first term alone. A wrong graph (a lost op, a swapped input, a wrong bias) moves outputs by many
@@ -60,7 +62,7 @@ from .build import EXPORT_TASKS, ExportTask, model_outputs
 from .graph import OnnxGraph
 
 FP32_RELATIVE_TOLERANCE = 1e-4
-QUANTIZATION_LEVELS = 2  # the margin the module docstring measures
+QUANTIZATION_LEVELS = 4  # the margin the module docstring measures
 UNBOUNDED_HEAD_RANGE_FRACTION = 0.02
 REPORT_FILE = "export_report.json"
 SAMPLE_INPUTS_FILE = "sample_inputs.npz"

@@ -71,9 +71,9 @@ def qat(tmp_path_factory):
     return folder, model, sample_inputs(tokenizer, 24)
 
 
-def test_tolerance_is_two_levels_at_the_classifier(qat):
+def test_tolerance_is_four_levels_at_the_classifier(qat):
     """Computed here from the scales by hand: classifier input scale x its largest row's L1 norm,
-    plus its output scale, twice; plus the float floor."""
+    plus its output scale, four times; plus the float floor."""
     _, model, samples = qat
     with torch.no_grad():
         logits = model(**samples).logits
@@ -81,7 +81,7 @@ def test_tolerance_is_two_levels_at_the_classifier(qat):
     level = (float(model.classifier.input_quant.scale) * float(weight.abs().sum(1).max())
              + float(model.classifier.output_quant.scale))
     tolerance = parity_tolerance(model, TEXT, samples, {"logits": logits.numpy()})
-    assert tolerance["atol"] == pytest.approx(1e-4 * max(1.0, float(logits.abs().max())) + 2 * level, rel=1e-6)
+    assert tolerance["atol"] == pytest.approx(1e-4 * max(1.0, float(logits.abs().max())) + 4 * level, rel=1e-6)
     assert tolerance["atol"] > 0.5 * float(model.classifier.input_quant.scale)  # not the fp32 floor
 
 
@@ -97,7 +97,7 @@ quantization_modifiers:
 def test_question_answering_output_layer_is_found():
     """QA splits qa_outputs' result into start and end logits, copied by .contiguous(): the rule
     still finds the layer (issue 18: it fell back to 2% of the output range and refused a QA model
-    trained with squad_sparse_transfer.yaml at 0.0126 against 0.0111; the two-level rule gives 0.0345)."""
+    trained with squad_sparse_transfer.yaml at 0.0126 against 0.0111; two levels gave 0.0345)."""
     from transformers import AutoTokenizer, BertForQuestionAnswering
 
     from distsparse.fake_quant import ActivationFakeQuant, fake_quants, update_observers_
