@@ -440,6 +440,7 @@ def finish(run: Run) -> dict:
     if args.do_train and run.best:
         run.metrics = run.best[2]
         best = out / f"{checkpoint.CHECKPOINT_PREFIX}{run.best[1]}"
+        checkpoint.verify(best)  # as a resume's: hashes and pickle globals before anything unpickles
         load_checkpoint(run, best)  # what follows (predictions, sparsity) is the saved model's
         if accelerator.is_main_process:
             checkpoint.copy_model_files(best, out)
