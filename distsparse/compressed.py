@@ -2,11 +2,11 @@
 
 ``config.json`` gets a ``quantization_config`` (``quant_method: compressed-tensors``, format
 ``int-quantized``) that states our scheme, and ``model.safetensors`` holds each quantized layer as
-compressed-tensors stores it: ``weight`` as int8, ``weight_scale`` (per output channel),
+compressed-tensors stores it: ``weight`` as int8, ``weight_scale`` (per tensor or output channel),
 ``input_scale``/``input_zero_point`` and ``output_scale``/``output_zero_point`` (per tensor).
 ``from_pretrained`` with ``compressed-tensors`` installed then fake-quantizes exactly where we do:
 
-- weights: symmetric per channel, ``round(w / s)`` in -127..127, zero point 0: the same;
+- weights: symmetric per tensor or per channel, ``round(w / s)`` in -127..127, zero point 0: the same;
 - activations: our asymmetric uint8 0..255 with zero point z is compressed-tensors' int8
   -128..127 with zero point z - 128 (the same integers shifted by 128, so the same floats);
   ``reduce_range`` (0..127) is int7 -64..63 with z - 64.
@@ -29,7 +29,8 @@ FORMAT = "int-quantized"
 
 def _weight_args(fq: WeightFakeQuant) -> dict:
     bits = (fq.quant_max + 1).bit_length()  # quant_max = 2**(bits-1) - 1
-    return {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
+    return {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "channel" if fq.per_channel else "tensor",
+            "dynamic": False}
 
 
 def _activation_args(fq: ActivationFakeQuant) -> dict:
@@ -39,11 +40,8 @@ def _activation_args(fq: ActivationFakeQuant) -> dict:
 
 def _weight_scale(fq: WeightFakeQuant, weight: torch.Tensor) -> torch.Tensor:
     """The scale the frozen model uses (``fake_quant.freeze_``): still observing means the current absmax."""
-    w = weight.detach().float()
-    if not fq.observe:
-        return fq.scale.detach().float().to(w.device)
-    return torch.clamp(torch.maximum(w.amax(dim=1), w.amin(dim=1).neg()) / fq.quant_max,
-                       min=torch.finfo(torch.float32).eps)
+    scale = fq.weight_scale(weight) if fq.observe else fq.scale.detach().float()
+    return scale.to(weight.device)
 
 
 def _activation_tensors(prefix: str, fq: ActivationFakeQuant) -> dict[str, torch.Tensor]:
@@ -91,9 +89,10 @@ def compressed_state_dict(modules: dict[str, nn.Module], state_dict: dict[str, t
         fq = module.weight_quant
         weight = state_dict[f"{name}.weight"]
         scale = _weight_scale(fq, weight)
-        q = torch.clamp(torch.round(weight.detach().float() / scale[:, None]), fq.quant_min, fq.quant_max)
+        scale = scale[:, None] if fq.per_channel else scale  # compressed-tensors' shapes: [rows, 1] or [1]
+        q = torch.clamp(torch.round(weight.detach().float() / scale), fq.quant_min, fq.quant_max)
         out[f"{name}.weight"] = q.to(torch.int8)
-        out[f"{name}.weight_scale"] = scale[:, None].contiguous()
+        out[f"{name}.weight_scale"] = scale.contiguous()
         if isinstance(module, QuantLinear) and module.input_quant.enabled:
             out.update({f"{name}.{k}": v for k, v in _activation_tensors("input", module.input_quant).items()})
         if isinstance(module.output_quant, ActivationFakeQuant) and module.output_quant.enabled:

@@ -6,9 +6,11 @@ by swapping its class in place: it stays the very same module object, so paramet
 references all keep working. Every fake-quant child starts disabled, and a disabled module
 computes exactly what the plain layer computes.
 
-- Weights: symmetric per output channel (axis 0), scale = channel absmax / 127, zero point 0, so
-  zeros stay exactly zero. The op's range is -128..127 (what ONNX int8 QDQ accepts) but values
-  land in -127..127: no clipping of the largest weight, as TensorRT/onnxruntime symmetric int8.
+- Weights: symmetric, scale = absmax / 127, zero point 0, so zeros stay exactly zero; one scale per
+  tensor (``strategy="tensor"``, SparseML's QuantizationModifier) or per output channel / embedding
+  row (``"channel"``: finer, at 4 bytes a row in the deployed file). The op's range is -128..127
+  (what ONNX int8 QDQ accepts) but values land in -127..127: no clipping of the largest weight, as
+  TensorRT/onnxruntime symmetric int8.
 - Activations: asymmetric per tensor, 0..255 (0..127 with ``reduce_range``), moving-average
   min/max like torch's ``MovingAverageMinMaxObserver`` (averaging constant 0.01; the first
   observation initialises). In training, forward only folds the batch's min/max into
@@ -105,38 +107,57 @@ class FakeQuant(nn.Module):
 
 
 class WeightFakeQuant(FakeQuant):
-    """Symmetric per-output-channel int8; while observing, the scale follows the current weight, so
-    nothing clips: |w| x (127 / absmax) stays within 127 (x (1 + a few float32 ulps)), rounds into
-    -127..127, and the straight-through gradient is the identity."""
+    """Symmetric int8, one scale per tensor or per output channel (``strategy``); while observing, the
+    scale follows the current weight, so nothing clips: |w| x (127 / absmax) stays within 127
+    (x (1 + a few float32 ulps)), rounds into -127..127, and the straight-through gradient is the
+    identity. A per-tensor scale is a 1-element tensor: what torch's ONNX export writes, and what
+    compressed-tensors stores as ``weight_scale``."""
 
-    def __init__(self, channels: int, bits: int = 8, device=None):
+    STRATEGIES = ("tensor", "channel")
+
+    def __init__(self, channels: int, bits: int = 8, device=None, strategy: str = "channel"):
         super().__init__()
+        self.per_channel = strategy == "channel"
         self.quant_min, self.quant_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        self.register_buffer("scale", torch.ones(channels, device=device), persistent=False)
-        self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int32, device=device),
-                             persistent=False)
+        size = channels if self.per_channel else 1
+        self.register_buffer("scale", torch.ones(size, device=device), persistent=False)
+        self.register_buffer("zero_point", torch.zeros(size, dtype=torch.int32, device=device), persistent=False)
+
+    @property
+    def axis(self) -> int | None:
+        return 0 if self.per_channel else None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
         self.observe_(weight)
-        return fake_quantize(weight, self.scale, self.zero_point, self.quant_min, self.quant_max, axis=0,
+        return fake_quantize(weight, self.scale, self.zero_point, self.quant_min, self.quant_max, axis=self.axis,
                              clips=not self.observe)
 
     def rows(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``forward(weight)[index]`` given ``rows = weight[index]``: an embedding's looked-up rows
         cost a few thousand elements instead of the whole vocabulary table."""
+        if not self.per_channel:
+            return fake_quantize(rows, self.scale, self.zero_point, self.quant_min, self.quant_max,
+                                 clips=not self.observe)
         flat = index.reshape(-1)
         out = fake_quantize(rows.reshape(flat.numel(), -1), self.scale[flat], self.zero_point[flat],
                             self.quant_min, self.quant_max, axis=0, clips=not self.observe)
         return out.view_as(rows)
 
+    def weight_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """The scale this weight's absmax gives (per tensor, or per row), as float32."""
+        w = weight.detach()
+        if self.per_channel:
+            absmax = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_())  # no |w| temporary
+        else:
+            absmax = torch.maximum(w.amax(), w.amin().neg()).reshape(1)
+        return torch.clamp(absmax.float() / self.quant_max, min=EPS)
+
     def observe_(self, weight: torch.Tensor) -> None:
         if self.observe:
             with torch.no_grad():
-                w = weight.detach()
-                absmax = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_()).float()  # no |w| temporary
-                torch.clamp(absmax / self.quant_max, min=EPS, out=self.scale)
+                self.scale.copy_(self.weight_scale(weight))
 
 
 class ActivationFakeQuant(FakeQuant):
@@ -183,7 +204,7 @@ class QuantLinear(nn.Linear):
 
 
 class QuantEmbedding(nn.Embedding):
-    """nn.Embedding with fake-quantized weight (per row) and (optionally) output."""
+    """nn.Embedding with fake-quantized weight (per tensor or per row) and (optionally) output."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         wq = self.weight_quant
@@ -201,7 +222,7 @@ QUANT_CLASSES = {nn.Linear: QuantLinear, nn.Embedding: QuantEmbedding}
 
 
 def to_quant_(module: nn.Module, weight_bits: int = 8, activation_bits: int = 8,
-              reduce_range: bool = False, quantize_output: bool = False) -> nn.Module:
+              reduce_range: bool = False, quantize_output: bool = False, weight_strategy: str = "channel") -> nn.Module:
     """Make a plain nn.Linear / nn.Embedding its Quant twin in place (all quantization off).
 
     Only exact types: a subclass has its own forward, which a class swap would throw away.
@@ -210,7 +231,7 @@ def to_quant_(module: nn.Module, weight_bits: int = 8, activation_bits: int = 8,
     device = module.weight.device
     channels = module.out_features if cls is QuantLinear else module.num_embeddings
     module.__class__ = cls
-    module.weight_quant = WeightFakeQuant(channels, weight_bits, device)
+    module.weight_quant = WeightFakeQuant(channels, weight_bits, device, weight_strategy)
     if cls is QuantLinear:
         module.input_quant = ActivationFakeQuant(activation_bits, reduce_range, device)
     module.output_quant = (ActivationFakeQuant(activation_bits, reduce_range, device)
@@ -351,7 +372,15 @@ def load_named_quant_state(named: list[tuple[str, FakeQuant]], tensors: dict[str
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for name, module in named:
         for key, buf in module.named_buffers(recurse=False):
-            buf.copy_(tensors[f"{name}.{key}"])
+            value = tensors[f"{name}.{key}"]
+            if value.shape != buf.shape:  # copy_ would broadcast one scale over every channel
+                hint = ""
+                if isinstance(module, WeightFakeQuant):
+                    hint = (f": saved with weight_strategy {'channel' if value.numel() > 1 else 'tensor'}, the recipe "
+                            f"gives {'channel' if module.per_channel else 'tensor'} (SparseML's default: tensor)")
+                raise UserError(f"{where}: {name}.{key} has shape {list(value.shape)}, the model's quantizer "
+                                f"{list(buf.shape)}{hint}")
+            buf.copy_(value)
         module.enabled = bool(tensors[f"{name}.enabled"])
         module.observe = bool(tensors[f"{name}.observe"])
 

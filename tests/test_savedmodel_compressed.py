@@ -24,6 +24,7 @@ quantization_modifiers:
   - !QuantizationModifier
     start_epoch: 0.0
     submodules: [bert, classifier]
+    weight_strategy: {strategy}
 """, num_epochs=2.0)
 
 # Runs in a fresh interpreter that never imports distsparse: what a transformers user has.
@@ -53,9 +54,10 @@ def plain_transformers(folder, texts: list[str], max_length: int = 32,
                           text=True, cwd="/", timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 50%-sparse tiny BERT after 12 QAT steps (activations quantized from the second)."""
+@pytest.fixture(scope="module", params=["tensor", "channel"])
+def trained(tmp_path_factory, request):
+    """A 50%-sparse tiny BERT after 12 QAT steps (activations quantized from the second), its weights
+    with one scale per tensor (SparseML's) or per output channel."""
     from transformers import AutoTokenizer
 
     from conftest import minilm_dir
@@ -67,7 +69,7 @@ def trained(tmp_path_factory):
                                  for i in range(48)]
     (tmp / "train.csv").write_text("\n".join(rows) + "\n")
     (tmp / "dev.csv").write_text("\n".join(rows[:21]) + "\n")
-    (tmp / "recipe.yaml").write_text(QAT)
+    (tmp / "recipe.yaml").write_text(QAT.replace("{strategy}", request.param))
     assert cli(["train", "--model_name_or_path", str(tmp / "base"), "--recipe", str(tmp / "recipe.yaml"),
                 "--train_file", str(tmp / "train.csv"), "--validation_file", str(tmp / "dev.csv"),
                 "--output_dir", str(tmp / "out"), "--per_device_train_batch_size", "8",
@@ -79,11 +81,16 @@ def trained(tmp_path_factory):
 
 def test_config_states_our_int8_scheme(trained):
     out, _, _ = trained
+    strategy = "channel" if "channel" in (out / "recipe.yaml").read_text() else "tensor"
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
     groups = list(config["config_groups"].values())
     linear = next(g for g in groups if "bert.encoder.layer.0.attention.self.query" in g["targets"])
-    assert linear["weights"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
+    assert linear["weights"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy, "dynamic": False}
+    from safetensors.torch import load_file
+
+    scale = load_file(out / "model.safetensors")["bert.encoder.layer.0.attention.self.query.weight_scale"]
+    assert list(scale.shape) == ([32, 1] if strategy == "channel" else [1])
     assert linear["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "tensor",
                                            "dynamic": False}
     assert linear["output_activations"] is None

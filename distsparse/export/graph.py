@@ -49,7 +49,7 @@ class OnnxGraph:
         return None
 
     def weight(self, parameter: str) -> np.ndarray | None:
-        """The parameter as the graph computes with it: dequantized (per output channel) where stored as int8."""
+        """The parameter as the graph computes with it: dequantized (per tensor or output channel) where stored as int8."""
         key = INITIALIZER_PREFIX + parameter
         levels = self.initializers.get(key + QUANTIZED_SUFFIX)
         if levels is None:
@@ -127,12 +127,14 @@ def store_int8_weights(model: onnx.ModelProto) -> None:
         scale, zero_point = g.constant(q.input[1]), g.constant(q.input[2])
         if scale is None or zero_point is None:
             continue
+        if scale.size == 1 and node_attr(q, "axis", None) is None:  # per tensor: ONNX's scalar, as SparseML writes it
+            scale, zero_point = scale.reshape(()), zero_point.reshape(())
         levels = quantize_levels(numpy_helper.to_array(weight), scale, zero_point, node_attr(q, "axis", 1))
         name = q.input[0] + QUANTIZED_SUFFIX
         # scale and zero point as initializers of their own dtype: an int32 Constant cast to int8
         # would cost 4 bytes per channel, as much as a 4-wide row of weights
         for tensor, tensor_name in ((levels, name), (scale, f"{name}_scale")):
-            g.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(tensor), tensor_name))
+            g.graph.initializer.append(numpy_helper.from_array(np.array(tensor, order="C"), tensor_name))  # 0-d stays 0-d
         zero_name = _zero_point_initializer(g, zero_point, f"{name}_zero_point")
         for dq in users:
             dq.input[:3] = [name, f"{name}_scale", zero_name]
@@ -149,31 +151,33 @@ def _zero_point_initializer(g: OnnxGraph, zero_point: np.ndarray, name: str) -> 
     """The zero point's initializer name; all-zero ones of one dtype and length are one shared tensor.
 
     Symmetric weights have zero points of 0 only. They stay in the graph, one per channel as the
-    scale (ONNX's shape rule): onnxruntime fuses DequantizeLinear -> MatMul into its integer
-    kernels only where the zero point is given; sharing saves their bytes (21 KiB in MiniLM).
+    scale (ONNX's shape rule), or one scalar: onnxruntime fuses DequantizeLinear -> MatMul into its
+    integer kernels only where the zero point is given; sharing saves their bytes (21 KiB in MiniLM).
     """
-    if zero_point.ndim and not zero_point.any():
-        name = f"zero_point_{zero_point.dtype}_{zero_point.size}"
+    if not zero_point.any():
+        name = f"zero_point_{zero_point.dtype}" + (f"_{zero_point.size}" if zero_point.ndim else "")
         if name in g.initializers:
             return name
-    g.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(zero_point), name)
+    g.initializers[name] = numpy_helper.from_array(np.array(zero_point, order="C"), name)
     g.graph.initializer.append(g.initializers[name])
     return name
 
 
 def _gather_rows_first(g: OnnxGraph, dq) -> None:
-    """Gather(DequantizeLinear(table), ids) -> Cast(Gather(table, ids)) * Gather(row scales, ids).
+    """Gather(DequantizeLinear(table), ids) -> Cast(Gather(table, ids)) * scale, the scale gathered by
+    row where there is one per row.
 
-    Same numbers (symmetric per-row int8), but onnxruntime no longer dequantizes the whole
+    Same numbers (symmetric int8, zero point 0), but onnxruntime no longer dequantizes the whole
     vocabulary table on every call (about 15 ms for MiniLM on 2 cores).
     """
     levels, scale, zero_point = dq.input[:3]
     users = g.consumers.get(dq.output[0], [])
+    per_row = g.constant(scale).ndim == 1
     if (not users or any(u.op_type != "Gather" or u.input[0] != dq.output[0] or node_attr(u, "axis", 0) != 0 for u in users)
-            or g.constant(scale).ndim != 1 or node_attr(dq, "axis", 1) != 0 or g.constant(zero_point).any()):
+            or g.constant(scale).ndim > 1 or (per_row and node_attr(dq, "axis", 1) != 0) or g.constant(zero_point).any()):
         return
     axes = "gather_rows_first_axes"
-    if axes not in g.initializers:
+    if per_row and axes not in g.initializers:
         g.initializers[axes] = numpy_helper.from_array(np.array([-1], dtype=np.int64), axes)
         g.graph.initializer.append(g.initializers[axes])
     make = onnx.helper.make_node
@@ -181,10 +185,11 @@ def _gather_rows_first(g: OnnxGraph, dq) -> None:
         ids, out = gather.input[1], gather.output[0]
         name = gather.name  # the module path, for every node that replaces it
         nodes = [make("Gather", [levels, ids], [f"{out}_int8"], f"{name}_int8", axis=0),
-                 make("Cast", [f"{out}_int8"], [f"{out}_levels"], f"{name}_levels", to=onnx.TensorProto.FLOAT),
-                 make("Gather", [scale, ids], [f"{out}_row_scale"], f"{name}_row_scale", axis=0),
-                 make("Unsqueeze", [f"{out}_row_scale", axes], [f"{out}_row_scale_1"], f"{name}_row_scale_1"),
-                 make("Mul", [f"{out}_levels", f"{out}_row_scale_1"], [out], f"{name}_scaled")]
+                 make("Cast", [f"{out}_int8"], [f"{out}_levels"], f"{name}_levels", to=onnx.TensorProto.FLOAT)]
+        if per_row:
+            nodes += [make("Gather", [scale, ids], [f"{out}_row_scale"], f"{name}_row_scale", axis=0),
+                      make("Unsqueeze", [f"{out}_row_scale", axes], [f"{out}_row_scale_1"], f"{name}_row_scale_1")]
+        nodes.append(make("Mul", [f"{out}_levels", f"{out}_row_scale_1" if per_row else scale], [out], f"{name}_scaled"))
         at = list(g.graph.node).index(gather)
         g.graph.node.remove(gather)
         for offset, node in enumerate(nodes):

@@ -24,8 +24,8 @@ from torch import nn
 
 from ..compat import ddp_ignore_buffers
 from ..events import Event, State
-from ..fake_quant import (ActivationFakeQuant, FakeQuant, load_named_quant_state, named_quant_state,
-                          share_qkv_input_quant_, to_quant_, update_observers_)
+from ..fake_quant import (ActivationFakeQuant, FakeQuant, WeightFakeQuant, load_named_quant_state,
+                          named_quant_state, share_qkv_input_quant_, to_quant_, update_observers_)
 from .base import Modifier, register
 
 
@@ -45,6 +45,9 @@ class QuantizationModifier(Modifier):
     weight_bits: int = 8
     reduce_range: bool = False
     num_calibration_steps: int | None = None
+    # One weight scale per tensor, as SparseML's modifier (and its QuantizationScheme default) gives a
+    # SparseML recipe; "channel": one per output channel / embedding row (distsparse's own recipes).
+    weight_strategy: str = "tensor"
 
     def __post_init__(self):
         super().__post_init__()
@@ -113,7 +116,7 @@ class QuantizationModifier(Modifier):
                     quantize_output = (self.quantize_linear_activations if type(module) is nn.Linear
                                        else self.quantize_embedding_activations)
                     swapped[name] = to_quant_(module, self.weight_bits, self.activation_bits,
-                                              self.reduce_range, bool(quantize_output))
+                                              self.reduce_range, bool(quantize_output), self.weight_strategy)
         if not swapped:
             self.fail("submodules", f"no Linear or Embedding to quantize under {self.submodules or 'the model'}")
         share_qkv_input_quant_(model)
@@ -141,8 +144,8 @@ class QuantizationModifier(Modifier):
         start = self.start_step(steps_per_epoch)
         calib = self.calibration_steps
         points = [
-            (start, "QuantizationModifier: QAT starts: int8 weights fake-quantized, activation "
-                    "observers on (min/max all-reduced every step)"),
+            (start, f"QuantizationModifier: QAT starts: int8 weights fake-quantized (a scale per "
+                    f"{self.weight_strategy}), activation observers on (min/max all-reduced every step)"),
             (start + calib, f"QuantizationModifier: activations fake-quantized (after {calib} "
                             "calibration step(s) that only observe)"),
         ]
@@ -163,6 +166,8 @@ class QuantizationModifier(Modifier):
             bits = getattr(self, key)
             if not isinstance(bits, int) or not 2 <= bits <= 8:
                 self.fail(key, f"{bits!r} is not an integer from 2 to 8")
+        if self.weight_strategy not in WeightFakeQuant.STRATEGIES:
+            self.fail("weight_strategy", f"{self.weight_strategy!r} is not one of {', '.join(WeightFakeQuant.STRATEGIES)}")
         if self.num_calibration_steps is not None and (
                 not isinstance(self.num_calibration_steps, int) or self.num_calibration_steps < 0):
             self.fail("num_calibration_steps", f"{self.num_calibration_steps!r} is not a count of steps")

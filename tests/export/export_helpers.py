@@ -22,6 +22,7 @@ quantization_modifiers:
     submodules: [bert.embeddings, bert.encoder, bert.pooler, classifier]
     exclude_module_types: [LayerNorm, Tanh]
     quantize_linear_activations: 1
+    weight_strategy: channel
 """
 
 

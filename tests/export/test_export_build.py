@@ -23,11 +23,13 @@ TEXT = EXPORT_TASKS["text-classification"]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """{kind: (trained folder, deployment folder)} for a QAT sparse model and a dense fp32 one
-    (no recipe: AdamW fills the zeros in)."""
+    """{kind: (trained folder, deployment folder)} for a QAT sparse model with a weight scale per
+    channel, the same with one per tensor (SparseML's), and a dense fp32 one (no recipe: AdamW fills
+    the zeros in)."""
     root = tmp_path_factory.mktemp("export")
     folders = {}
-    for kind, recipe in (("qat", QAT_RECIPE), ("fp32", None)):
+    per_tensor = QAT_RECIPE.replace("weight_strategy: channel", "weight_strategy: tensor")
+    for kind, recipe in (("qat", QAT_RECIPE), ("qat_tensor", per_tensor), ("fp32", None)):
         trained, deploy = root / kind, root / f"{kind}-deploy"
         train_by_hand(trained, recipe)
         assert export(["--model_path", str(trained), "--output_dir", str(deploy), "--sequence_length", "24"]) == 0
@@ -39,8 +41,9 @@ def initializers(path):
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
-def test_qat_export_stores_int8_weights_keeps_zeros_and_matches_pytorch(exported):
-    trained, deploy = exported["qat"]
+@pytest.mark.parametrize("kind", ["qat", "qat_tensor"])
+def test_qat_export_stores_int8_weights_keeps_zeros_and_matches_pytorch(exported, kind):
+    trained, deploy = exported[kind]
     for name in ("model.onnx", "config.json", "tokenizer.json", "recipe.yaml", "sample_inputs.npz",
                  "sample_outputs.npz", "export_report.json"):
         assert (deploy / name).is_file(), name
@@ -100,23 +103,28 @@ def test_dense_fp32_export_is_plain_and_exact(exported):
 
 def expected_initializer_bytes(model) -> int:
     """What the int8 file must hold for ``model``, nothing more: per quantized weight its int8
-    levels and one fp32 scale per row; per distinct Linear row count one shared all-zero int8
-    zero point; every other parameter in fp32; and the one int64 axes tensor of the row gathers."""
+    levels and its fp32 scales (one, or one per row); one shared all-zero int8 zero point per
+    distinct Linear row count (per channel) or one scalar (per tensor); every other parameter in
+    fp32; and the one int64 axes tensor where embedding rows gather their row scales."""
     from distsparse.fake_quant import QuantEmbedding, QuantLinear
 
     quantized = {id(m.weight): m for m in model.modules()
                  if isinstance(m, (QuantLinear, QuantEmbedding)) and m.weight_quant.enabled}
-    total = 8
+    total = 0
     for p in {id(p): p for p in model.parameters()}.values():
-        total += p.numel() + 4 * p.shape[0] if id(p) in quantized else 4 * p.numel()
-    return total + sum({m.weight.shape[0] for m in quantized.values() if isinstance(m, QuantLinear)})
+        total += p.numel() + 4 * quantized[id(p)].weight_quant.scale.numel() if id(p) in quantized else 4 * p.numel()
+    linears = [m for m in quantized.values() if isinstance(m, QuantLinear)]
+    total += sum({m.weight.shape[0] for m in linears if m.weight_quant.per_channel})
+    total += any(not m.weight_quant.per_channel for m in linears)
+    return total + 8 * any(isinstance(m, QuantEmbedding) and m.weight_quant.per_channel for m in quantized.values())
 
 
-def test_int8_file_holds_no_byte_beyond_the_model(exported):
+@pytest.mark.parametrize("kind", ["qat", "qat_tensor"])
+def test_int8_file_holds_no_byte_beyond_the_model(exported, kind):
     """The file's size, as a property: initializers are exactly the model's numbers (no duplicate, no
     per-weight copy of an all-zero zero point), no two Constant nodes hold one value, and values
     between nodes have short names while the nodes keep their module paths."""
-    trained, deploy = exported["qat"]
+    trained, deploy = exported[kind]
     model, _, _ = load_trained(trained)
     proto = onnx.load(str(deploy / "model.onnx"))
     graph = proto.graph
@@ -126,7 +134,10 @@ def test_int8_file_holds_no_byte_beyond_the_model(exported):
     assert len(set(contents)) == len(contents)  # no initializer twice
     zero_points = {n.input[2] for n in graph.node if n.op_type == "DequantizeLinear"
                    and n.input[0].endswith("weight_quantized")}
-    assert zero_points == {"zero_point_int8_32", "zero_point_int8_64", "zero_point_int8_2"}
+    assert zero_points == ({"zero_point_int8_32", "zero_point_int8_64", "zero_point_int8_2"} if kind == "qat"
+                           else {"zero_point_int8"})
+    scales = [numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith("_quantized_scale")]
+    assert len(scales) == 17 and all(s.ndim == (1 if kind == "qat" else 0) for s in scales)  # ONNX's per-tensor scalar
     constants = [n.attribute[0].t.SerializeToString() for n in graph.node if n.op_type == "Constant"]
     assert len(set(constants)) == len(constants)
     outer = {v.name for v in graph.output} | {t.name for t in graph.initializer}

@@ -72,6 +72,36 @@ def test_weight_fake_quant_is_symmetric_per_channel_int8():
     assert levels.abs().amax(dim=1)[:5].eq(127).all()  # each channel's largest weight is kept exactly
 
 
+def test_weight_fake_quant_per_tensor_is_torchs_op_for_linears_and_embedding_rows():
+    """SparseML's strategy: one scale for the whole tensor, bitwise torch's per-tensor op (what ONNX
+    export writes), the identity as gradient while the scale follows the weight; an embedding's
+    looked-up rows get exactly the rows of the quantized table."""
+    w = (torch.randn(40, 12) * torch.logspace(-2, 1, 40)[:, None]).requires_grad_()
+    fq = WeightFakeQuant(40, strategy="tensor")
+    fq.enabled = fq.observe = True
+    out = fq(w)
+    assert fq.scale.shape == fq.zero_point.shape == (1,) and fq.axis is None
+    assert torch.equal(fq.scale, (w.detach().abs().max() / 127).reshape(1))
+    reference = torch.fake_quantize_per_tensor_affine(w, fq.scale, fq.zero_point, -128, 127)
+    grad = torch.randn(40, 12)
+    assert torch.equal(out, reference)
+    assert torch.equal(torch.autograd.grad(out, w, grad)[0], grad)
+    assert len(torch.unique(out[:5])) < len(torch.unique(WeightFakeQuant(40)(w)[:5]))  # small rows lose levels
+
+    table = to_quant_(nn.Embedding(40, 12), weight_strategy="tensor")
+    table.weight.data = w.detach().clone()
+    table.weight_quant.enabled = table.weight_quant.observe = True
+    ids = torch.tensor([[0, 7, 39], [7, 7, 1]])
+    assert torch.equal(table(ids), reference.detach()[ids])
+
+
+def test_sparseml_recipes_quantize_weights_per_tensor_ours_per_channel():
+    assert sst2_block().weight_strategy == "tensor"  # SparseML's QuantizationModifier: per-tensor weights
+    shipped = load_recipe(FIXTURES.parent.parent / "distsparse" / "recipes" / "default.yaml")
+    (modifier,) = [m for m in shipped.modifiers if isinstance(m, QuantizationModifier)]
+    assert modifier.weight_strategy == "channel"
+
+
 def test_activation_fake_quant_is_asymmetric_per_tensor_uint8():
     x = batch(0, shift=1.0)
     fq = observed(ActivationFakeQuant(), x)
@@ -331,6 +361,13 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path):
     broken.pop(next(iter(broken)))
     with pytest.raises(UserError, match="missing"):
         load_quant_state(fresh, broken)
+    # A file written per channel, read into per-tensor quantizers: refused, never broadcast.
+    per_channel = tiny_bert(seed=1)
+    init(per_channel, steps_per_epoch=1, start_epoch=0, weight_strategy="channel")
+    key = "bert.embeddings.word_embeddings.weight_quant.scale"
+    with pytest.raises(UserError, match=rf"{key} has shape \[30522\], the model's quantizer \[1\]: saved with "
+                                        "weight_strategy channel, the recipe gives tensor"):
+        load_quant_state(fresh, quant_state(per_channel))
 
 
 def unshared(model):
@@ -424,6 +461,8 @@ def test_recipe_errors_name_the_key():
         QuantizationModifier(end_epoch=3.0).validate()
     with pytest.raises(RecipeError, match="weight_bits"):
         QuantizationModifier(weight_bits=16).validate()
+    with pytest.raises(RecipeError, match="weight_strategy: 'row' is not one of tensor, channel"):
+        QuantizationModifier(weight_strategy="row").validate()
     with pytest.raises(RecipeError, match="disable_quantization_observer_epoch"):
         QuantizationModifier(start_epoch=2.0, disable_quantization_observer_epoch=2.0).validate()
     with pytest.raises(RecipeError, match="before QAT"):  # equal only after rounding to steps
@@ -433,7 +472,7 @@ def test_recipe_errors_name_the_key():
 def test_timeline_names_the_qat_steps():
     modifier = sst2_block(num_calibration_steps=3)
     assert modifier.timeline(steps_per_epoch=10) == [
-        (10, "QuantizationModifier: QAT starts: int8 weights fake-quantized, activation observers on "
+        (10, "QuantizationModifier: QAT starts: int8 weights fake-quantized (a scale per tensor), activation observers on "
              "(min/max all-reduced every step)"),
         (13, "QuantizationModifier: activations fake-quantized (after 3 calibration step(s) that only observe)"),
         (20, "QuantizationModifier: observers frozen: scales and zero points fixed"),
