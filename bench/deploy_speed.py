@@ -46,7 +46,8 @@ RATIO_TARGET = 0.5  # our ms/row at most half of theirs (issue 18)
 ACCURACY_GAP = 0.005  # onnxruntime within 0.5 points of the PyTorch fake-quant model
 # The peer's SparseML run (../shared/peers/README.md), in our recipe language: constant pruning of
 # a model pruned beforehand, weight decay 0.01, linear LR 1.5e-4 -> 0, QAT from 2/3 of the epochs
-# with observers frozen at 5/6, embeddings quantized, Linear outputs not, no distillation.
+# with observers frozen at 5/6, embeddings quantized, Linear outputs not, no distillation; one weight
+# scale per tensor, as SparseML's QuantizationModifier (no weight_strategy: the default).
 SEED_RECIPE = """
 version: 1.1.0
 num_epochs: 3.0
@@ -191,7 +192,7 @@ def seed_model(args, work: Path) -> Path:
            "--max_train_samples", str(args.train_rows), "--max_seq_length", "64", "--per_device_train_batch_size", "32",
            "--seed", "42", "--save_strategy", "no", "--eval_strategy", "no", "--output_dir", str(out),
            "--overwrite_output_dir"]
-    if done.is_file() and json.loads(done.read_text()).get("command") == cmd[1:]:
+    if done.is_file() and json.loads(done.read_text()).get("command") == cmd[1:] + [SEED_RECIPE]:
         print(f"deploy_speed: reusing {out}", flush=True)
         return out
     work.mkdir(parents=True, exist_ok=True)
@@ -206,7 +207,7 @@ def seed_model(args, work: Path) -> Path:
                               env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if proc.returncode != 0:
         sys.exit(f"deploy_speed: training failed, see {work / 'train.log'}")
-    done.write_text(json.dumps({"command": cmd[1:], "train_seconds": round(time.perf_counter() - t0, 1)}, indent=1))
+    done.write_text(json.dumps({"command": cmd[1:] + [SEED_RECIPE], "train_seconds": round(time.perf_counter() - t0, 1)}, indent=1))
     return out
 
 

@@ -259,7 +259,10 @@ def test_a_stopped_benchmark_leaves_no_child_running(tmp_path, sig):
     import time
 
     pids, started = tmp_path / "pids", []
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(BENCH), CHILD, str(pids)], env=ENV)
+    # Ctrl-C as from a terminal: a suite started in the background (`make test &`) inherits SIGINT
+    # ignored, and Python then keeps it ignored, so the benchmark must get it back.
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(BENCH), CHILD, str(pids)], env=ENV,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not (pids.is_file() and pids.read_text()) and time.monotonic() < deadline:
