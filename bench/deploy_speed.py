@@ -182,7 +182,7 @@ def seed_model(args, work: Path) -> Path:
     """Our model trained the way the peer's SparseML model was: MiniLM-L6, every encoder Linear
     magnitude-pruned to 70% per tensor, a fresh 2-label head, then ``distsparse train`` with
     SEED_RECIPE on the first ``--train_rows`` SST-2 train rows (seq 64, batch 32, seed 42).
-    Kept in ``work``; reused while the command that made it is the same."""
+    Kept in ``work``; reused while the command and the recipe that made it are the same."""
     from step_overhead import presparsify_
 
     out, done = work / "model", work / "bench_run.json"
