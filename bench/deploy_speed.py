@@ -304,8 +304,10 @@ def side_by_side_table(result: dict) -> str:
     rows = [[r["batch"], r["seq"], f"{r['ms_per_row']['distsparse']:.2f}", f"{r['ms_per_row']['other']:.2f}",
              f"{r['ratio']:.3f}x"] for r in result["results"]]
     mib = {k: v / 2**20 for k, v in result["bytes"].items()}
-    rows.append(["file", "", f"{mib['distsparse']:.2f} MiB (model.onnx, QDQ: {mib['distsparse_qdq']:.2f})",
-                 f"{mib['other']:.2f} MiB", f"{result['bytes']['distsparse'] / result['bytes']['other']:.3f}x"])
+    b = result["bytes"]
+    rows.append(["file", "", f"{mib['distsparse']:.2f} MiB, {b['distsparse']:,} B (model_optimized.onnx; model.onnx: "
+                 f"{b['distsparse_qdq']:,} B)", f"{mib['other']:.2f} MiB, {b['other']:,} B",
+                 f"{b['distsparse'] / b['other']:.3f}x ({max(b['distsparse'], b['distsparse_qdq']) / b['other']:.3f}x)"])
     acc = result["accuracy"]
     rows.append([f"SST-2 dev accuracy ({result['dev_rows']} rows)", "", f"{acc['distsparse']:.2%} (PyTorch fake-quant "
                  f"{acc['pytorch_fake_quant']:.2%})", f"{acc['other']:.2%}", ""])
