@@ -35,6 +35,7 @@ ENCODER_LINEARS = [
 QAT_YAML = """
   - !QuantizationModifier
     start_epoch: 0.0
+    weight_strategy: channel
     quantize_embeddings: true
     exclude_module_types: [LayerNorm, Tanh]
     submodules: [bert.embeddings, bert.encoder, bert.pooler, classifier]
