@@ -117,6 +117,8 @@ class WeightFakeQuant(FakeQuant):
 
     def __init__(self, channels: int, bits: int = 8, device=None, strategy: str = "channel"):
         super().__init__()
+        if strategy not in self.STRATEGIES:
+            raise ValueError(f"weight strategy {strategy!r} is not one of {self.STRATEGIES}")
         self.per_channel = strategy == "channel"
         self.quant_min, self.quant_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         size = channels if self.per_channel else 1
