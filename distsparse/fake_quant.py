@@ -378,8 +378,11 @@ def load_named_quant_state(named: list[tuple[str, FakeQuant]], tensors: dict[str
             if value.shape != buf.shape:  # copy_ would broadcast one scale over every channel
                 hint = ""
                 if isinstance(module, WeightFakeQuant):
-                    hint = (f": saved with weight_strategy {'channel' if value.numel() > 1 else 'tensor'}, the recipe "
-                            f"gives {'channel' if module.per_channel else 'tensor'} (SparseML's default: tensor)")
+                    saved = "channel" if value.numel() > 1 else "tensor"
+                    hint = (f": saved with weight_strategy {saved}, the recipe gives "
+                            f"{'channel' if module.per_channel else 'tensor'} (SparseML's default: tensor; a model "
+                            f"saved before the key existed was per channel: add 'weight_strategy: {saved}' to the "
+                            "QuantizationModifier of its recipe.yaml)")
                 raise UserError(f"{where}: {name}.{key} has shape {list(value.shape)}, the model's quantizer "
                                 f"{list(buf.shape)}{hint}")
             buf.copy_(value)
