@@ -101,7 +101,7 @@ def test_changed_initializer_is_refused(deployed, tmp_path, capfd):
     folder = copy_of(deployed[1], tmp_path)
 
     def unmask(graph):
-        replace_initializer(graph, LEVELS, lambda levels: np.where(levels == 0, np.int8(1), levels))
+        replace_initializer(graph, LEVELS, lambda levels: np.where(levels == 128, np.uint8(129), levels))  # zero point 128
 
     edit_graph(folder, unmask, rehash=False)
     assert "sha256" in refused(folder, capfd)
