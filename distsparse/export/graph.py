@@ -188,9 +188,10 @@ def _gather_rows_first(g: OnnxGraph, dq) -> None:
     """
     levels, scale, zero_point = dq.input[:3]
     users = g.consumers.get(dq.output[0], [])
-    per_row = g.constant(scale).ndim == 1
+    scale_ndim = g.constant(scale).ndim
+    per_row = scale_ndim == 1
     if (not users or any(u.op_type != "Gather" or u.input[0] != dq.output[0] or node_attr(u, "axis", 0) != 0 for u in users)
-            or g.constant(scale).ndim > 1 or (per_row and node_attr(dq, "axis", 1) != 0) or g.constant(zero_point).any()):
+            or scale_ndim > 1 or (per_row and node_attr(dq, "axis", 1) != 0) or g.constant(zero_point).any()):
         return
     axes = "gather_rows_first_axes"
     if per_row and axes not in g.initializers:
