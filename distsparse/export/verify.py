@@ -27,7 +27,9 @@ CPU: max diff 0.0094 with the default optimizations, 0.00043 with them off, agai
 0.0172 (it had been refused at 0.0111 = 2% of its output range: the split start/end logits hid
 qa_outputs). Trained longer the gap grows: the same MiniLM after the seed's schedule on 2,000
 SST-2 rows x 3 epochs, 0.130 against one level = 0.041 (3.1 levels, refused at the two levels used
-until then); hence a margin of four levels. A model quantized
+until then); hence a margin of four levels. That gap turned out to be onnxruntime's AVX2 u8 x s8
+saturation (``graph.as_uint8``: weights are stored as uint8 since, and such models differ by
+0.002-0.02); the margin is kept. A model quantized
 everywhere except its output layer cannot be bounded that way; it gets 2% of the outputs' range
 on the samples. An fp32 model gets the
 first term alone. A wrong graph (a lost op, a swapped input, a wrong bias) moves outputs by many
